@@ -1,0 +1,48 @@
+"""Shared entry point of the stage scripts: arguments, logging, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from stages.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """The input data cannot be used; the message names the file and the fix."""
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stderr with time, level and logger name."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def run_stage(task: Callable[[list[str]], object], description: str) -> None:
+    """Parse `key=value` overrides, run `task(overrides)` and map errors to exits.
+
+    Configuration and input errors print one message and exit with status 2,
+    without a traceback; anything else propagates.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="Hydra-style overrides of params.yaml, e.g. train.epochs=5 model=cnn_small",
+    )
+    args = parser.parse_args()
+    setup_logging()
+    try:
+        task(args.overrides)
+    except (ConfigError, InputError) as error:
+        log.error("%s", error)
+        sys.exit(2)

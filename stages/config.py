@@ -1,0 +1,412 @@
+"""Typed schema of params.yaml, its validation, and command-line overrides.
+
+params.yaml is the Hydra composition of conf/. `dvc exp run -S ...` rewrites
+it on every run; `dvc repro` reads it as committed, so `python -m stages.config`
+(or `make params`) regenerates it after conf/ changes.
+
+Every stage calls `load_params` with the sections it reads. Problems are
+collected and raised together as one `ConfigError` before any heavy work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+CONF_DIR = "conf"
+CONFIG_NAME = "config"
+MISSING = "???"  # OmegaConf's marker for a required value
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _bounds(**limits: float) -> dict[str, dict[str, float]]:
+    return {"metadata": limits}
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str
+    source: Literal["digits", "folder"]
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    image_size: list[int] = field(**_bounds(min=1))
+    color_mode: Literal["grayscale", "rgb"] = "grayscale"
+    resize: Literal["stretch", "pad", "crop"] = "stretch"
+    background: list[int] = field(
+        default_factory=lambda: [255, 255, 255], **_bounds(min=0, max=255)
+    )
+    max_pixels: int = field(default=89_478_485, **_bounds(min=1))
+    shard_size: int = field(default=4096, **_bounds(min=1))
+    workers: int = field(default=0, **_bounds(min=0))
+    on_error: Literal["skip", "fail"] = "skip"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    train: float = field(**_bounds(above=0, max=1))
+    val: float = field(**_bounds(min=0, max=1))
+    test: float = field(**_bounds(above=0, max=1))
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    filters: list[int] = field(**_bounds(min=1))
+    convs_per_block: int = field(default=1, **_bounds(min=1))
+    kernel_size: int = field(default=3, **_bounds(min=1))
+    batch_norm: bool = False
+    dense_units: list[int] = field(default_factory=list, **_bounds(min=1))
+    dropout: float = field(default=0.0, **_bounds(min=0, below=1))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(**_bounds(min=1))
+    batch_size: int = field(**_bounds(min=1))
+    optimizer: Literal["adam", "sgd"]
+    learning_rate: float = field(**_bounds(above=0))
+    momentum: float = field(default=0.9, **_bounds(min=0, below=1))
+    seed: int = 42
+    shuffle_buffer: int = field(default=10_000, **_bounds(min=1))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = field(default=256, **_bounds(min=1))
+    top_k: int = field(default=3, **_bounds(min=1))
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None
+    experiment_name: str = "image-classification"
+    run_name: str | None = None
+    log_model: bool = True
+
+
+SECTIONS: dict[str, type] = {
+    "dataset": DatasetConfig,
+    "preprocess": PreprocessConfig,
+    "split": SplitConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "tracking": TrackingConfig,
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    """The validated sections a stage asked for; the others are None."""
+
+    raw: dict[str, Any]
+    dataset: DatasetConfig | None = None
+    preprocess: PreprocessConfig | None = None
+    split: SplitConfig | None = None
+    model: ModelConfig | None = None
+    train: TrainConfig | None = None
+    evaluate: EvaluateConfig | None = None
+    tracking: TrackingConfig | None = None
+
+
+def find_root(start: Path | None = None) -> Path:
+    """Return the project root: the nearest folder upwards that holds conf/."""
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / CONF_DIR / f"{CONFIG_NAME}.yaml").is_file():
+            return folder
+    raise ConfigError(
+        f"No {CONF_DIR}/{CONFIG_NAME}.yaml found in {start} or its parents; "
+        "run the stage from the project folder."
+    )
+
+
+def _describe_type(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe_type(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe_type(args[0])}"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(annotation, "null" if annotation is type(None) else str(annotation))
+
+
+def _check_type(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return value in args
+    if origin in (types.UnionType, typing.Union):
+        return any(_check_type(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_check_type(v, args[0]) for v in value)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _check_bounds(value: Any, limits: dict[str, float]) -> str | None:
+    values = value if isinstance(value, list) else [value]
+    for item in values:
+        if item is None:
+            continue
+        if "min" in limits and item < limits["min"]:
+            return f"must be at least {limits['min']}"
+        if "above" in limits and item <= limits["above"]:
+            return f"must be greater than {limits['above']}"
+        if "max" in limits and item > limits["max"]:
+            return f"must be at most {limits['max']}"
+        if "below" in limits and item >= limits["below"]:
+            return f"must be less than {limits['below']}"
+    return None
+
+
+def _validate_section(name: str, values: Any, schema: type) -> list[str]:
+    if not isinstance(values, dict):
+        return [f"{name}: expected a mapping of keys to values, got {values!r}"]
+    problems = []
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in values:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(
+                f"{name}.{key}: unknown key{hint}; allowed keys: {', '.join(fields)}"
+            )
+    for key, spec in fields.items():
+        required = (
+            spec.default is dataclasses.MISSING
+            and spec.default_factory is dataclasses.MISSING
+        )
+        if key not in values or values[key] == MISSING:
+            if required or values.get(key) == MISSING:
+                problems.append(
+                    f"{name}.{key}: required value is missing; set it with "
+                    f"{name}.{key}=<{_describe_type(hints[key])}>"
+                )
+            continue
+        value = values[key]
+        if not _check_type(value, hints[key]):
+            problems.append(
+                f"{name}.{key}: invalid value {value!r}; "
+                f"expected {_describe_type(hints[key])}"
+            )
+            continue
+        limit_problem = _check_bounds(value, dict(spec.metadata))
+        if limit_problem:
+            problems.append(f"{name}.{key}: invalid value {value!r}; {limit_problem}")
+    return problems
+
+
+def _validate_relations(params: dict[str, Any], sections: list[str]) -> list[str]:
+    """Check rules that span several keys of a section."""
+    problems = []
+    split = params.get("split")
+    if "split" in sections and isinstance(split, dict):
+        fractions = [split.get(k) for k in ("train", "val", "test")]
+        if all(isinstance(f, (int, float)) for f in fractions):
+            total = sum(fractions)
+            if abs(total - 1.0) > 1e-6:
+                problems.append(
+                    f"split: train + val + test = {total:g}; the fractions must "
+                    "sum to 1 (for example train=0.7 val=0.15 test=0.15)"
+                )
+    dataset = params.get("dataset")
+    if "dataset" in sections and isinstance(dataset, dict):
+        if dataset.get("source") == "folder" and dataset.get("path") in (None, ""):
+            problems.append(
+                "dataset.path: required when dataset.source is 'folder'; "
+                "set dataset.path=/path/to/images"
+            )
+    preprocess = params.get("preprocess")
+    if "preprocess" in sections and isinstance(preprocess, dict):
+        if len(preprocess.get("image_size") or [0, 0]) != 2:
+            problems.append(
+                f"preprocess.image_size: invalid value {preprocess['image_size']!r}; "
+                "expected [height, width]"
+            )
+        if len(preprocess.get("background") or [0, 0, 0]) != 3:
+            problems.append(
+                f"preprocess.background: invalid value {preprocess['background']!r}; "
+                "expected [red, green, blue]"
+            )
+    model = params.get("model")
+    if "model" in sections and isinstance(model, dict) and model.get("filters") == []:
+        problems.append("model.filters: needs at least one block, e.g. [32, 64]")
+    return problems
+
+
+def validate(params: dict[str, Any], sections: list[str], source: str) -> Params:
+    """Validate the named sections of `params` and return them typed.
+
+    Raises:
+        ConfigError: listing every problem found, each naming its key.
+    """
+    problems = []
+    for key in params:
+        if key not in SECTIONS:
+            problems.append(
+                f"{key}: unknown section; allowed sections: {', '.join(SECTIONS)}"
+            )
+    for name in sections:
+        if name not in params:
+            problems.append(f"{name}: section is missing; run `make params`")
+        else:
+            problems += _validate_section(name, params[name], SECTIONS[name])
+    problems += _validate_relations(params, sections)
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"Invalid configuration in {source}:\n{listed}")
+
+    typed = {}
+    for name in sections:
+        schema = SECTIONS[name]
+        hints = typing.get_type_hints(schema)
+        values = {
+            k: float(v) if hints[k] is float else v for k, v in params[name].items()
+        }
+        typed[name] = schema(**values)
+    return Params(raw=params, **typed)
+
+
+def _set_key(params: dict[str, Any], dotted: str, value: Any, delete: bool) -> None:
+    *parents, leaf = dotted.split(".")
+    node = params
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{part}' is not a section, so it has no keys")
+    if delete:
+        if leaf not in node:
+            raise ConfigError(f"{dotted}: cannot delete a key that does not exist")
+        del node[leaf]
+    else:
+        node[leaf] = value
+
+
+def compose_group(root: Path, group: str, option: str) -> Any:
+    """Compose conf/ with one group option selected and return that section."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    options = sorted(p.stem for p in (root / CONF_DIR / group).glob("*.yaml"))
+    if option not in options:
+        raise ConfigError(
+            f"{group}={option}: no option '{option}' in {CONF_DIR}/{group}/; "
+            f"available: {', '.join(options)}"
+        )
+    with initialize_config_dir(str(root / CONF_DIR), version_base=None):
+        cfg = compose(config_name=CONFIG_NAME, overrides=[f"{group}={option}"])
+    return OmegaConf.to_container(cfg[group], resolve=True)
+
+
+def apply_overrides(
+    params: dict[str, Any], overrides: list[str], root: Path
+) -> dict[str, Any]:
+    """Apply Hydra-grammar overrides (`a.b=1`, `+a.c=x`, `~a.d`, `group=option`).
+
+    A bare group name (`model=cnn_small`) replaces the whole section with that
+    option from conf/, as Hydra would compose it.
+    """
+    if not overrides:
+        return params
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as error:
+        raise ConfigError(f"Invalid override: {error}") from None
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_sweep_override():
+            raise ConfigError(
+                f"{override.input_line}: sweeps run through `dvc exp run --queue` "
+                "or the sweep command, not a single stage"
+            )
+        is_group = "." not in key and (root / CONF_DIR / key).is_dir()
+        if is_group and not override.is_delete():
+            params[key] = compose_group(root, key, str(override.value()))
+        else:
+            _set_key(params, key, override.value(), override.is_delete())
+    return params
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    """Read params.yaml, raising ConfigError with the file name on failure."""
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; create it with `make params`")
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {params!r}")
+    return params
+
+
+def load_params(
+    sections: list[str],
+    overrides: list[str] | None = None,
+    params_file: str | os.PathLike[str] | None = None,
+) -> Params:
+    """Read params.yaml, apply overrides and validate the named sections."""
+    root = find_root()
+    path = Path(params_file) if params_file else root / PARAMS_FILE
+    params = read_params_file(path)
+    params = apply_overrides(params, list(overrides or []), root)
+    source = str(path) + (f" with overrides {overrides}" if overrides else "")
+    return validate(params, sections, source)
+
+
+def compose_params(root: Path, overrides: list[str], output: Path) -> None:
+    """Write the Hydra composition of conf/ to `output`, exactly as `dvc exp run` does."""
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(
+        output, str(root / CONF_DIR), None, CONFIG_NAME, str(root), overrides
+    )
+
+
+def main() -> None:
+    """Regenerate params.yaml from conf/, then validate it."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, key=value")
+    parser.add_argument("--output", default=PARAMS_FILE, help="file to write")
+    args = parser.parse_args()
+    root = find_root()
+    output = Path(args.output)
+    tmp = output.with_name(f".{output.name}.tmp")
+    compose_params(root, args.overrides, tmp)
+    validate(read_params_file(tmp), list(SECTIONS), str(output))
+    os.replace(tmp, output)
+    print(f"Wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

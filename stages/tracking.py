@@ -1,0 +1,165 @@
+"""MLflow helpers: where runs go, what they carry, and how they end.
+
+By default every run lands in mlflow.db and mlartifacts/ at the project root.
+DVC runs queued and --temp experiments in a copy under .dvc/tmp/exps/ and sets
+DVC_ROOT to the original project there, so the default store is the same for
+`dvc repro` and every kind of `dvc exp run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from stages.config import TrackingConfig, find_root
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+TRUNCATION_MARK = "...[truncated]"
+
+
+def project_root() -> Path:
+    """Return the original project folder, also inside a DVC experiment copy."""
+    dvc_root = os.environ.get("DVC_ROOT")
+    if dvc_root and Path(dvc_root, "conf").is_dir():
+        return Path(dvc_root).resolve()
+    return find_root()
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """Return the tracking URI: MLFLOW_TRACKING_URI, else tracking.uri, else the default."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if cfg.uri:
+        return cfg.uri
+    return f"sqlite:///{project_root() / DB_NAME}"
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """Return the artifact folder for new experiments of the default store.
+
+    Without one, MLflow would put artifacts under ./mlruns of whatever folder
+    the stage runs in, which for DVC experiments is a temporary copy.
+    """
+    if uri == f"sqlite:///{project_root() / DB_NAME}":
+        return (project_root() / ARTIFACTS_DIR).as_uri()
+    return None
+
+
+def use_experiment(cfg: TrackingConfig) -> str:
+    """Point MLflow at the configured store and experiment; return the experiment id."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+    if experiment is None:
+        try:
+            experiment_id = mlflow.create_experiment(
+                cfg.experiment_name, artifact_location=default_artifact_location(uri)
+            )
+        except MlflowException:
+            # Another process created it between the lookup and the create.
+            experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+            if experiment is None:
+                raise
+            experiment_id = experiment.experiment_id
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    log.info("MLflow store %s, experiment '%s'", uri, cfg.experiment_name)
+    return experiment_id
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested sections to dotted keys with string values."""
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = "null" if value is None else str(value)
+    return flat
+
+
+def shorten_values(params: dict[str, str]) -> dict[str, str]:
+    """Cut values over MLflow's length limit, ending them with a marker."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    room = MAX_PARAM_VAL_LENGTH - len(TRUNCATION_MARK)
+    return {
+        k: v if len(v) <= MAX_PARAM_VAL_LENGTH else v[:room] + TRUNCATION_MARK
+        for k, v in params.items()
+    }
+
+
+def sanitize_key(name: str) -> str:
+    """Replace characters MLflow rejects in metric and param keys with '_'."""
+    return re.sub(r"[^\w\-. /]", "_", name, flags=re.ASCII)
+
+
+def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Drop NaN and infinite values, with a warning, because MLflow rejects them."""
+    kept = {}
+    for key, value in metrics.items():
+        if value is None or not math.isfinite(float(value)):
+            log.warning("Metric %s is %s; not logged", key, value)
+            continue
+        kept[sanitize_key(key)] = float(value)
+    return kept
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """Return the git commit and whether the work tree has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=False
+        )
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def dvc_tags() -> dict[str, str]:
+    """Return the DVC experiment name and baseline revision when DVC runs the stage."""
+    names = {"DVC_EXP_NAME": "dvc_exp_name", "DVC_EXP_BASELINE_REV": "dvc_exp_baseline_rev"}
+    return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
+
+
+@contextmanager
+def run_status(run_id: str) -> Iterator[None]:
+    """End run `run_id` FINISHED on success, KILLED on Ctrl-C, FAILED on error.
+
+    The error is stored in the `error` tag, and the exception is re-raised.
+    """
+    import mlflow
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.set_tag("error", "interrupted (KeyboardInterrupt)")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as error:
+        message = f"{type(error).__name__}: {error}"
+        mlflow.set_tag("error", message[:5000])
+        mlflow.end_run("FAILED")
+        log.error("MLflow run %s marked FAILED: %s", run_id, message)
+        raise
+    mlflow.end_run("FINISHED")
