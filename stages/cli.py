@@ -37,7 +37,7 @@ def run_stage(task: Callable[[list[str]], object], description: str) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="Hydra-style overrides of params.yaml, e.g. train.epochs=5 model=cnn_small",
+        help="overrides of params.yaml in Hydra syntax, e.g. train.epochs=5",
     )
     args = parser.parse_args()
     setup_logging()

@@ -147,8 +147,15 @@ def _describe_type(annotation: Any) -> str:
         return " or ".join(_describe_type(a) for a in args)
     if origin is list:
         return f"a list of {_describe_type(args[0])}"
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    return names.get(annotation, "null" if annotation is type(None) else str(annotation))
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+    }
+    return names.get(
+        annotation, "null" if annotation is type(None) else str(annotation)
+    )
 
 
 def _check_type(value: Any, annotation: Any) -> bool:
@@ -385,7 +392,7 @@ def load_params(
 
 
 def compose_params(root: Path, overrides: list[str], output: Path) -> None:
-    """Write the Hydra composition of conf/ to `output`, exactly as `dvc exp run` does."""
+    """Write the Hydra composition of conf/ to `output` as `dvc exp run` does."""
     from dvc.utils.hydra import compose_and_dump
 
     compose_and_dump(
@@ -401,7 +408,7 @@ def main() -> None:
     args = parser.parse_args()
     root = find_root()
     output = Path(args.output)
-    tmp = output.with_name(f".{output.name}.tmp")
+    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
     compose_params(root, args.overrides, tmp)
     validate(read_params_file(tmp), list(SECTIONS), str(output))
     os.replace(tmp, output)

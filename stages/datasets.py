@@ -36,7 +36,7 @@ def export_digits(target: Path) -> Counter[str]:
     pixels = np.rint(digits.images * (255 / DIGITS_MAX_VALUE)).astype(np.uint8)
     counts: Counter[str] = Counter()
     for index, (image, label) in enumerate(
-        tqdm(zip(pixels, digits.target), total=len(pixels), desc="digits")
+        tqdm(zip(pixels, digits.target, strict=True), total=len(pixels), desc="digits")
     ):
         folder = target / str(label)
         folder.mkdir(exist_ok=True)

@@ -45,7 +45,7 @@ OUTPUTS = {
 
 
 def predict(model_file: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Return class probabilities for `images`, in their order (one pass, no shuffle)."""
+    """Return class probabilities for `images` in their order, in one pass."""
     import keras
 
     model = keras.models.load_model(model_file)
@@ -62,7 +62,9 @@ def write_outputs(labels, probabilities, classes, top_k, outputs) -> dict[str, f
     names = np.array(classes)
     tables = {
         "per_class": per_class,
-        "predictions": pd.DataFrame({"actual": names[labels], "predicted": names[predicted]}),
+        "predictions": pd.DataFrame(
+            {"actual": names[labels], "predicted": names[predicted]}
+        ),
         "confusion": counts.rename_axis("true").reset_index(),
         "most_confused": most_confused(counts),
     }
@@ -89,8 +91,10 @@ def _target_run(params: Params, train_run_id: str) -> str:
         run_name="evaluate", tags={"mlflow.parentRunId": train_run_id}
     )
     mlflow.log_params(tracking.shorten_values(current))
-    log.info("evaluate settings changed since training; logging to child run %s",
-             run.info.run_id)
+    log.info(
+        "evaluate settings changed since training; logging to child run %s",
+        run.info.run_id,
+    )
     return run.info.run_id
 
 
@@ -103,12 +107,18 @@ def log_to_mlflow(params: Params, train_run_id: str, metrics: dict, per_class, o
     tracking.use_experiment(params.tracking)
     run_id = _target_run(params, train_run_id)
     with tracking.run_status(run_id):
-        mlflow.log_metrics(tracking.finite_metrics({f"test_{k}": v for k, v in metrics.items()}))
+        mlflow.log_metrics(
+            tracking.finite_metrics({f"test_{k}": v for k, v in metrics.items()})
+        )
         for row in per_class.itertuples(index=False):
-            mlflow.log_metrics(tracking.finite_metrics({
-                f"test_{name}.{row[0]}": getattr(row, name)
-                for name in ("precision", "recall", "f1")
-            }))
+            mlflow.log_metrics(
+                tracking.finite_metrics(
+                    {
+                        f"test_{name}.{row[0]}": getattr(row, name)
+                        for name in ("precision", "recall", "f1")
+                    }
+                )
+            )
         for key in ("confusion_plot", "confusion", "per_class", "most_confused"):
             mlflow.log_artifact(str(outputs[key]), artifact_path="evaluation")
     return run_id
@@ -137,13 +147,23 @@ def evaluate(
     log.info("Evaluating %s on %d test images", model_file, len(images))
 
     probabilities = predict(model_file, images, params.evaluate.batch_size)
-    metrics = write_outputs(labels, probabilities, classes, params.evaluate.top_k, outputs)
-    per_class = pd.read_csv(outputs["per_class"], dtype={"class": str}, keep_default_na=False)
-    train_run_id = json.loads(train_metrics.read_text(encoding="utf-8"))["mlflow_run_id"]
+    metrics = write_outputs(
+        labels, probabilities, classes, params.evaluate.top_k, outputs
+    )
+    per_class = pd.read_csv(
+        outputs["per_class"], dtype={"class": str}, keep_default_na=False
+    )
+    train_run_id = json.loads(train_metrics.read_text(encoding="utf-8"))[
+        "mlflow_run_id"
+    ]
     run_id = log_to_mlflow(params, train_run_id, metrics, per_class, outputs)
     write_json(outputs["metrics"], {**metrics, "mlflow_run_id": run_id})
-    log.info("Test accuracy %.4f, macro F1 %.4f; wrote %s", metrics["accuracy"],
-             metrics["f1_macro"], outputs["metrics"])
+    log.info(
+        "Test accuracy %.4f, macro F1 %.4f; wrote %s",
+        metrics["accuracy"],
+        metrics["f1_macro"],
+        outputs["metrics"],
+    )
     return metrics
 
 

@@ -21,7 +21,9 @@ def summary_metrics(
     top = np.argsort(probabilities, axis=1)[:, -k:]
     metrics = {
         "accuracy": float(accuracy_score(labels, predicted)),
-        f"top_{top_k}_accuracy": float(np.mean([y in row for y, row in zip(labels, top)])),
+        f"top_{top_k}_accuracy": float(
+            np.mean([y in row for y, row in zip(labels, top, strict=True)])
+        ),
     }
     classes = np.arange(probabilities.shape[1])
     for average in ("macro", "weighted"):
@@ -43,10 +45,15 @@ def per_class_metrics(
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=np.arange(len(classes)), zero_division=0
     )
-    return pd.DataFrame({
-        "class": classes, "precision": precision, "recall": recall,
-        "f1": f1, "support": support,
-    })
+    return pd.DataFrame(
+        {
+            "class": classes,
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": support,
+        }
+    )
 
 
 def confusion_counts(
@@ -72,10 +79,12 @@ def shorten(name: str, width: int = 14) -> str:
     if len(name) <= width:
         return name
     half = (width - 1) // 2
-    return f"{name[:half]}…{name[-(width - 1 - half):]}"
+    return f"{name[:half]}…{name[-(width - 1 - half) :]}"
 
 
-def _draw_matrix(ax, values: np.ndarray, labels: list[str], title: str, fmt: str) -> None:
+def _draw_matrix(
+    ax, values: np.ndarray, labels: list[str], title: str, fmt: str
+) -> None:
     n = len(labels)
     font = max(3.0, min(10.0, 220.0 / max(n, 1)))
     image = ax.imshow(values, cmap="Blues", vmin=0)
@@ -91,8 +100,15 @@ def _draw_matrix(ax, values: np.ndarray, labels: list[str], title: str, fmt: str
         for i in range(n):
             for j in range(n):
                 color = "white" if values[i, j] > threshold else "black"
-                ax.text(j, i, format(values[i, j], fmt), ha="center", va="center",
-                        fontsize=font * 0.8, color=color)
+                ax.text(
+                    j,
+                    i,
+                    format(values[i, j], fmt),
+                    ha="center",
+                    va="center",
+                    fontsize=font * 0.8,
+                    color=color,
+                )
     ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
 
 

@@ -26,7 +26,10 @@ def build_cnn(input_shape: tuple[int, int, int], num_classes: int, cfg: ModelCon
         for conv in range(cfg.convs_per_block):
             name = f"block{block + 1}_conv{conv + 1}"
             x = layers.Conv2D(
-                filters, cfg.kernel_size, padding="same", use_bias=not cfg.batch_norm,
+                filters,
+                cfg.kernel_size,
+                padding="same",
+                use_bias=not cfg.batch_norm,
                 name=name,
             )(x)
             if cfg.batch_norm:

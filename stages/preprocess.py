@@ -47,12 +47,21 @@ def preprocess(
     if not raw_dir.is_dir():
         raise InputError(f"{raw_dir} not found; run the download stage first")
     settings = decode_settings(cfg)
-    log.info("Decoding to %dx%d %s, resize=%s", settings.height, settings.width,
-             cfg.color_mode, cfg.resize)
+    log.info(
+        "Decoding to %dx%d %s, resize=%s",
+        settings.height,
+        settings.width,
+        cfg.color_mode,
+        cfg.resize,
+    )
     with atomic_dir(output) as tmp:
         try:
             index, skipped = preprocess_folder(
-                raw_dir, tmp, settings, cfg.shard_size, cfg.workers,
+                raw_dir,
+                tmp,
+                settings,
+                cfg.shard_size,
+                cfg.workers,
                 fail_on_error=cfg.on_error == "fail",
             )
         except ImageError as error:
@@ -67,11 +76,17 @@ def preprocess(
         write_json(tmp / "classes.json", classes)
 
     per_class = index["label"].value_counts().reindex(classes).to_dict()
-    log.info("Wrote %d images in %d classes to %s; per class: %s",
-             len(index), len(classes), output, per_class)
+    log.info(
+        "Wrote %d images in %d classes to %s; per class: %s",
+        len(index),
+        len(classes),
+        output,
+        per_class,
+    )
     if len(skipped):
-        log.warning("%s (full list in %s)", summarise_skipped(skipped),
-                    output / "skipped.csv")
+        log.warning(
+            "%s (full list in %s)", summarise_skipped(skipped), output / "skipped.csv"
+        )
     metrics = {
         "num_images": len(index),
         "num_skipped": len(skipped),

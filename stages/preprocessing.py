@@ -12,14 +12,28 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from stages.images import DecodedImage, DecodeSettings, ImageError, decode_image, is_ignored
+from stages.images import (
+    DecodedImage,
+    DecodeSettings,
+    ImageError,
+    decode_image,
+    is_ignored,
+)
 from stages.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
 INDEX_COLUMNS = [
-    "file", "label", "class_index", "sha256", "width", "height", "mode", "format",
-    "shard", "offset",
+    "file",
+    "label",
+    "class_index",
+    "sha256",
+    "width",
+    "height",
+    "mode",
+    "format",
+    "shard",
+    "offset",
 ]
 SKIPPED_COLUMNS = ["file", "reason"]
 
@@ -61,8 +75,9 @@ def _decode(task: tuple[Path, DecodeSettings]) -> DecodedImage | str:
         return f"cannot read file ({error.strerror or error})"
 
 
-def _decoded_stream(raw_dir: Path, files: list[SourceFile], settings: DecodeSettings,
-                    workers: int):
+def _decoded_stream(
+    raw_dir: Path, files: list[SourceFile], settings: DecodeSettings, workers: int
+):
     tasks = ((raw_dir / f.relative, settings) for f in files)
     bar = dict(total=len(files), desc="decode", unit="img", mininterval=1.0)
     if workers <= 1:
@@ -94,20 +109,33 @@ def preprocess_folder(
     """
     files, skipped = discover(raw_dir)
     workers = workers or os.cpu_count() or 1
-    log.info("Found %d files in %s; decoding with %d workers", len(files), raw_dir, workers)
+    log.info(
+        "Found %d files in %s; decoding with %d workers", len(files), raw_dir, workers
+    )
     writer = ShardWriter(output_dir, shard_size)
     rows = []
-    for source, result in zip(files, _decoded_stream(raw_dir, files, settings, workers)):
+    results = _decoded_stream(raw_dir, files, settings, workers)
+    for source, result in zip(files, results, strict=True):
         if isinstance(result, str):
             if fail_on_error:
                 raise ImageError(f"{raw_dir / source.relative}: {result}")
             skipped.append({"file": source.relative, "reason": result})
             continue
         shard, offset = writer.add(result.pixels)
-        rows.append([
-            source.relative, source.label, -1, result.sha256, result.original_width,
-            result.original_height, result.original_mode, result.format, shard, offset,
-        ])
+        rows.append(
+            [
+                source.relative,
+                source.label,
+                -1,
+                result.sha256,
+                result.original_width,
+                result.original_height,
+                result.original_mode,
+                result.format,
+                shard,
+                offset,
+            ]
+        )
     writer.flush()
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
     classes = sorted(index["label"].unique())

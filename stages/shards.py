@@ -35,7 +35,9 @@ class ShardWriter:
         """Write the queued images as the next shard."""
         if not self.buffer:
             return
-        np.save(self.folder / SHARD_PATTERN.format(self.num_shards), np.stack(self.buffer))
+        np.save(
+            self.folder / SHARD_PATTERN.format(self.num_shards), np.stack(self.buffer)
+        )
         self.buffer = []
         self.num_shards += 1
 
@@ -44,10 +46,15 @@ def load_images(folder: Path, rows: pd.DataFrame) -> np.ndarray:
     """Gather the images addressed by `rows` (columns shard, offset), in row order."""
     shards: dict[int, np.ndarray] = {}
     for shard in rows["shard"].unique():
-        shards[int(shard)] = np.load(folder / SHARD_PATTERN.format(shard), mmap_mode="r")
+        shards[int(shard)] = np.load(
+            folder / SHARD_PATTERN.format(shard), mmap_mode="r"
+        )
     if rows.empty:
         first = np.load(folder / SHARD_PATTERN.format(0), mmap_mode="r")
         return np.zeros((0, *first.shape[1:]), dtype=np.uint8)
     return np.stack(
-        [shards[int(s)][int(o)] for s, o in zip(rows["shard"], rows["offset"])]
+        [
+            shards[int(s)][int(o)]
+            for s, o in zip(rows["shard"], rows["offset"], strict=True)
+        ]
     )

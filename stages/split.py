@@ -56,17 +56,30 @@ def split(
     index_file = processed_dir / "index.csv"
     if not index_file.is_file():
         raise InputError(f"{index_file} not found; run the preprocess stage first")
-    index = pd.read_csv(index_file, dtype={"label": str, "sha256": str}, keep_default_na=False)
+    index = pd.read_csv(
+        index_file, dtype={"label": str, "sha256": str}, keep_default_na=False
+    )
     fractions = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
-    log.info("Splitting %d images with fractions %s, seed %d", len(index), fractions, cfg.seed)
+    log.info(
+        "Splitting %d images with fractions %s, seed %d",
+        len(index),
+        fractions,
+        cfg.seed,
+    )
 
     assigned = assign_splits(index, fractions, cfg.seed)
     duplicated, conflicts = duplicate_groups(index)
     if duplicated:
-        log.warning("%d images are exact duplicates of another; each group shares one split", duplicated)
+        log.warning(
+            "%d images are exact duplicates of another; each group shares one split",
+            duplicated,
+        )
     if len(conflicts):
-        log.warning("%d images share content with an image of another label; see %s",
-                    len(conflicts), output / "label_conflicts.csv")
+        log.warning(
+            "%d images share content with an image of another label; see %s",
+            len(conflicts),
+            output / "label_conflicts.csv",
+        )
 
     counts = {}
     with atomic_dir(output) as tmp:

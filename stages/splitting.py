@@ -79,7 +79,9 @@ def check_disjoint(index: pd.DataFrame, assigned: pd.Series) -> None:
 
 def class_distribution(index: pd.DataFrame, assigned: pd.Series) -> pd.DataFrame:
     """Count images per class (rows) and split (columns)."""
-    table = pd.crosstab(index["label"], assigned).reindex(columns=list(SPLITS), fill_value=0)
+    table = pd.crosstab(index["label"], assigned).reindex(
+        columns=list(SPLITS), fill_value=0
+    )
     return table.rename_axis(index="label", columns=None).reset_index()
 
 
@@ -88,4 +90,6 @@ def duplicate_groups(index: pd.DataFrame) -> tuple[int, pd.DataFrame]:
     duplicated = int(index["sha256"].duplicated().sum())
     labels = index.groupby("sha256")["label"].nunique()
     conflicts = index[index["sha256"].isin(labels[labels > 1].index)]
-    return duplicated, conflicts.sort_values(["sha256", "label"])[["sha256", "file", "label"]]
+    return duplicated, conflicts.sort_values(["sha256", "label"])[
+        ["sha256", "file", "label"]
+    ]

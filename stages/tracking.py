@@ -36,7 +36,7 @@ def project_root() -> Path:
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    """Return the tracking URI: MLFLOW_TRACKING_URI, else tracking.uri, else the default."""
+    """Return MLFLOW_TRACKING_URI, else tracking.uri, else the default store."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     if cfg.uri:
@@ -138,7 +138,10 @@ def git_tags(root: Path) -> dict[str, str]:
 
 def dvc_tags() -> dict[str, str]:
     """Return the DVC experiment name and baseline revision when DVC runs the stage."""
-    names = {"DVC_EXP_NAME": "dvc_exp_name", "DVC_EXP_BASELINE_REV": "dvc_exp_baseline_rev"}
+    names = {
+        "DVC_EXP_NAME": "dvc_exp_name",
+        "DVC_EXP_BASELINE_REV": "dvc_exp_baseline_rev",
+    }
     return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
 
 

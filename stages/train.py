@@ -40,14 +40,16 @@ def _start_run(params: Params, num_classes: int):
     params_flat = tracking.shorten_values(tracking.flatten(params.raw))
     mlflow.log_params(params_flat)
     device = describe_devices(visible_gpus())
-    mlflow.set_tags({
-        "dataset": str(params.raw.get("dataset", {}).get("name", "")),
-        "num_classes": str(num_classes),
-        "device": device,
-        "tensorflow_version": tf.__version__,
-        **tracking.git_tags(tracking.project_root()),
-        **tracking.dvc_tags(),
-    })
+    mlflow.set_tags(
+        {
+            "dataset": str(params.raw.get("dataset", {}).get("name", "")),
+            "num_classes": str(num_classes),
+            "device": device,
+            "tensorflow_version": tf.__version__,
+            **tracking.git_tags(tracking.project_root()),
+            **tracking.dvc_tags(),
+        }
+    )
     log.info("MLflow run %s; training on %s", run.info.run_id, device)
     return run
 
@@ -82,13 +84,25 @@ def fit(params: Params, data: dict, num_classes: int, outputs: dict[str, Path]) 
     compile_model(model, cfg)
     log.info("Model '%s' with %d parameters", model.name, model.count_params())
 
-    train_ds = make_dataset(x_train, y_train, cfg.batch_size, shuffle=True,
-                            seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+    train_ds = make_dataset(
+        x_train,
+        y_train,
+        cfg.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+    )
     val_ds = make_dataset(x_val, y_val, cfg.batch_size) if len(x_val) else None
     history: list[dict[str, float]] = []
     started = time.perf_counter()
-    model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
-              callbacks=[epoch_logger(history)], verbose=2)
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=cfg.epochs,
+        callbacks=[epoch_logger(history)],
+        shuffle=False,
+        verbose=2,
+    )
     seconds = time.perf_counter() - started
 
     with atomic_file(outputs["model"]) as tmp:
@@ -108,18 +122,27 @@ def train(
     outputs: dict[str, Path] | None = None,
 ) -> dict:
     """Train on the train split, validate on val, and return the final metrics."""
-    outputs = outputs or {"model": MODEL_FILE, "metrics": METRICS_FILE,
-                          "history": HISTORY_FILE}
+    outputs = outputs or {
+        "model": MODEL_FILE,
+        "metrics": METRICS_FILE,
+        "history": HISTORY_FILE,
+    }
     params = load_params(["model", "train", "tracking"], overrides)
     from stages.training import load_split, read_classes
 
     classes = read_classes(processed_dir)
-    data = {name: load_split(processed_dir, split_dir, name) for name in ("train", "val")}
+    data = {
+        name: load_split(processed_dir, split_dir, name) for name in ("train", "val")
+    }
     if len(data["train"][0]) == 0:
         raise InputError(f"{split_dir / 'train.csv'} is empty; raise split.train")
-    log.info("Loaded %d train and %d val images of shape %s, %d classes",
-             len(data["train"][0]), len(data["val"][0]), data["train"][0].shape[1:],
-             len(classes))
+    log.info(
+        "Loaded %d train and %d val images of shape %s, %d classes",
+        len(data["train"][0]),
+        len(data["val"][0]),
+        data["train"][0].shape[1:],
+        len(classes),
+    )
 
     import mlflow
 
@@ -132,8 +155,11 @@ def train(
         metrics["mlflow_experiment_id"] = run.info.experiment_id
         mlflow.log_metric("train_seconds", metrics["train_seconds"])
         write_json(outputs["metrics"], metrics)
-    log.info("Saved %s; val_accuracy %.4f", outputs["model"],
-             metrics.get("val_accuracy", float("nan")))
+    log.info(
+        "Saved %s; val_accuracy %.4f",
+        outputs["model"],
+        metrics.get("val_accuracy", float("nan")),
+    )
     return metrics
 
 

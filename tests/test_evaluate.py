@@ -1,0 +1,86 @@
+"""Stage evaluate: test metrics, confusion matrix files and MLflow logging."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stages.evaluate import evaluate
+from tests.conftest import client_for
+
+
+@pytest.fixture(scope="session")
+def evaluated(trained):
+    project, train_metrics = trained
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(project)
+        metrics = evaluate([])
+    return project, train_metrics, metrics
+
+
+def test_evaluate_writes_metrics(evaluated) -> None:
+    project, _, metrics = evaluated
+    assert metrics["num_test_images"] == len(
+        pd.read_csv(project / "data/split/test.csv")
+    )
+    assert 0.5 < metrics["accuracy"] <= metrics["top_3_accuracy"] <= 1.0
+    for key in ("precision_macro", "recall_macro", "f1_macro", "f1_weighted"):
+        assert 0.0 < metrics[key] <= 1.0, key
+    saved = json.loads((project / "metrics/evaluate.json").read_text())
+    assert saved["accuracy"] == metrics["accuracy"]
+
+
+def test_evaluate_confusion_tables_agree(evaluated) -> None:
+    project, _, metrics = evaluated
+    predictions = pd.read_csv(project / "metrics/confusion.csv", dtype=str)
+    assert list(predictions.columns) == ["actual", "predicted"]
+    accuracy = (predictions["actual"] == predictions["predicted"]).mean()
+    assert accuracy == pytest.approx(metrics["accuracy"])
+    matrix = pd.read_csv(project / "metrics/confusion_matrix.csv", index_col="true")
+    assert matrix.to_numpy().sum() == metrics["num_test_images"]
+    assert (
+        matrix.to_numpy().trace()
+        == (predictions["actual"] == predictions["predicted"]).sum()
+    )
+    per_class = pd.read_csv(project / "metrics/per_class.csv", dtype={"class": str})
+    assert per_class["class"].tolist() == [str(d) for d in range(10)]
+    assert per_class["support"].sum() == metrics["num_test_images"]
+    assert (project / "plots/confusion_matrix.png").stat().st_size > 5000
+
+
+def test_evaluate_logs_to_training_run(evaluated) -> None:
+    project, train_metrics, metrics = evaluated
+    client = client_for(project)
+    run = client.get_run(train_metrics["mlflow_run_id"])
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert "test_f1.3" in run.data.metrics
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/confusion_matrix.png" in artifacts
+    assert "evaluation/per_class.csv" in artifacts
+
+
+def test_evaluate_changed_settings_use_child_run(evaluated, monkeypatch) -> None:
+    project, train_metrics, _ = evaluated
+    monkeypatch.chdir(project)
+    outputs = {
+        k: project / "scratch" / Path(v).name
+        for k, v in {
+            "metrics": "evaluate.json",
+            "per_class": "per_class.csv",
+            "predictions": "confusion.csv",
+            "confusion": "confusion_matrix.csv",
+            "most_confused": "most_confused.csv",
+            "confusion_plot": "confusion.png",
+        }.items()
+    }
+    metrics = evaluate(["evaluate.top_k=5"], outputs=outputs)
+    saved = json.loads(outputs["metrics"].read_text())
+    child = client_for(project).get_run(saved["mlflow_run_id"])
+    assert saved["mlflow_run_id"] != train_metrics["mlflow_run_id"]
+    assert child.data.tags["mlflow.parentRunId"] == train_metrics["mlflow_run_id"]
+    assert child.data.params["evaluate.top_k"] == "5"
+    assert child.data.metrics["test_top_5_accuracy"] == metrics["top_5_accuracy"]

@@ -1,0 +1,72 @@
+"""Stage preprocess: shards, index table, skipped files and metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages.cli import InputError
+from stages.download import download
+from stages.preprocess import preprocess
+from stages.shards import load_images
+from tests.conftest import make_image_folder
+
+
+@pytest.fixture
+def raw_folder(project: Path, tmp_path: Path) -> Path:
+    source = make_image_folder(tmp_path / "images", {"cat": 5, "dog": 4, "ëmu x": 3})
+    (source / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (source / "dog" / "notes.txt").write_text("not an image")
+    (source / "dog" / ".hidden.png").write_bytes(b"\0")
+    download(["dataset=folder", f"dataset.path={source}"])
+    return project / "data/raw"
+
+
+def test_preprocess_writes_shards_and_index(raw_folder: Path, project: Path) -> None:
+    metrics = preprocess(["preprocess.shard_size=4", "preprocess.image_size=[6,7]"])
+    out = project / "data/processed"
+    index = pd.read_csv(out / "index.csv", keep_default_na=False)
+    assert metrics == {"num_images": 12, "num_skipped": 2, "num_classes": 3}
+    assert json.loads((out / "classes.json").read_text()) == ["cat", "dog", "ëmu x"]
+    assert len(list(out.glob("images-*.npy"))) == 3
+    assert index["sha256"].str.len().eq(64).all()
+    assert set(
+        index[["width", "height"]].drop_duplicates().itertuples(index=False)
+    ) == {(10, 12)}
+    images = load_images(out, index)
+    assert images.shape == (12, 6, 7, 1)
+    assert images.dtype == np.uint8
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert sorted(skipped["file"]) == ["cat/broken.png", "dog/notes.txt"]
+    saved = json.loads((project / "metrics/preprocess.json").read_text())
+    assert saved == metrics
+
+
+def test_preprocess_rgb_single_worker(raw_folder: Path, project: Path) -> None:
+    preprocess(["preprocess.color_mode=rgb", "preprocess.workers=1"])
+    index = pd.read_csv(project / "data/processed/index.csv", keep_default_na=False)
+    images = load_images(project / "data/processed", index)
+    assert images.shape == (12, 16, 16, 3)
+
+
+def test_preprocess_fail_mode_names_file(raw_folder: Path, project: Path) -> None:
+    with pytest.raises(InputError, match="broken.png.*on_error=skip"):
+        preprocess(["preprocess.on_error=fail"])
+    assert not (project / "data/processed").exists()
+
+
+def test_preprocess_without_raw(project: Path) -> None:
+    with pytest.raises(InputError, match="run the download stage first"):
+        preprocess([])
+
+
+def test_preprocess_digits(digits_project: Path) -> None:
+    out = digits_project / "data/processed"
+    index = pd.read_csv(out / "index.csv", keep_default_na=False)
+    assert len(index) == 1797
+    assert index["class_index"].nunique() == 10
+    assert load_images(out, index.head(5)).shape == (5, 16, 16, 1)

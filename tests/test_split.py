@@ -1,0 +1,100 @@
+"""Stage split: stratified, seeded, stable and leak-free assignment."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stages.split import split
+from stages.splitting import assign_splits, check_disjoint
+
+FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
+
+
+def make_index(counts: dict[str, int], start: int = 0) -> pd.DataFrame:
+    rows = []
+    for label, count in counts.items():
+        for i in range(start, start + count):
+            sha = hashlib.sha256(f"{label}/{i}".encode()).hexdigest()
+            rows.append({"file": f"{label}/{i}.png", "label": label, "sha256": sha})
+    return pd.DataFrame(rows)
+
+
+def test_split_same_seed_same_assignment() -> None:
+    index = make_index({"a": 200, "b": 200})
+    first = assign_splits(index, FRACTIONS, seed=1)
+    again = assign_splits(index, FRACTIONS, seed=1)
+    other = assign_splits(index, FRACTIONS, seed=2)
+    assert first.equals(again)
+    assert not first.equals(other)
+
+
+def test_split_is_stratified() -> None:
+    index = make_index({"a": 400, "b": 400, "c": 400})
+    assigned = assign_splits(index, FRACTIONS, seed=0)
+    table = pd.crosstab(index["label"], assigned, normalize="index")
+    for name, fraction in FRACTIONS.items():
+        assert table[name].between(fraction - 0.06, fraction + 0.06).all(), table
+
+
+def test_split_stable_when_images_added() -> None:
+    index = make_index({"a": 100, "b": 100})
+    before = assign_splits(index, FRACTIONS, seed=3)
+    grown = pd.concat([index, make_index({"a": 50, "b": 50}, start=1000)])
+    after = assign_splits(grown.reset_index(drop=True), FRACTIONS, seed=3)
+    assert (after[: len(index)].to_numpy() == before.to_numpy()).all()
+
+
+def test_split_duplicates_share_split() -> None:
+    index = make_index({"a": 50, "b": 50})
+    copies = index.iloc[:20].assign(file=lambda d: "copy_" + d["file"])
+    index = pd.concat([index, copies], ignore_index=True)
+    assigned = assign_splits(index, FRACTIONS, seed=0)
+    check_disjoint(index, assigned)
+    assert assigned.groupby(index["sha256"]).nunique().max() == 1
+
+
+def test_split_small_class_gets_every_split() -> None:
+    index = make_index({"big": 100, "small": 3})
+    for seed in range(20):
+        assigned = assign_splits(index, FRACTIONS, seed=seed)
+        small = set(assigned[index["label"] == "small"])
+        assert small == {"train", "val", "test"}, seed
+
+
+def test_split_zero_val_fraction() -> None:
+    index = make_index({"a": 30, "b": 30})
+    assigned = assign_splits(index, {"train": 0.8, "val": 0.0, "test": 0.2}, seed=0)
+    assert "val" not in set(assigned)
+
+
+def test_split_stage_writes_manifests(digits_project: Path, monkeypatch) -> None:
+    monkeypatch.chdir(digits_project)
+    out = digits_project / "data/split"
+    manifests = {n: pd.read_csv(out / f"{n}.csv") for n in ("train", "val", "test")}
+    sizes = {n: len(m) for n, m in manifests.items()}
+    assert sum(sizes.values()) == 1797
+    assert sizes["train"] > sizes["val"] > 0
+    hashes = [set(m["sha256"]) for m in manifests.values()]
+    assert not (hashes[0] & hashes[1] or hashes[0] & hashes[2] or hashes[1] & hashes[2])
+    distribution = pd.read_csv(digits_project / "metrics/class_distribution.csv")
+    assert list(distribution.columns) == ["label", "train", "val", "test"]
+    assert distribution[["train", "val", "test"]].to_numpy().sum() == 1797
+    assert (digits_project / "plots/class_distribution.png").stat().st_size > 1000
+
+
+def test_split_stage_missing_index(project: Path) -> None:
+    from stages.cli import InputError
+
+    with pytest.raises(InputError, match="run the preprocess stage first"):
+        split([])
+
+
+def test_split_stage_rejects_bad_fractions(project: Path) -> None:
+    from stages.config import ConfigError
+
+    with pytest.raises(ConfigError, match="must sum to 1"):
+        split(["split.train=0.8"])
