@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
@@ -26,11 +27,17 @@ def setup_logging(level: int = logging.INFO) -> None:
     )
 
 
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
 def run_stage(task: Callable[[list[str]], object], description: str) -> None:
     """Parse `key=value` overrides, run `task(overrides)` and map errors to exits.
 
     Configuration and input errors print one message and exit with status 2,
-    without a traceback; anything else propagates.
+    without a traceback; anything else propagates. SIGTERM is turned into
+    KeyboardInterrupt, so cleanup code (such as ending an MLflow run as
+    KILLED) runs as it does on Ctrl-C.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
@@ -41,6 +48,7 @@ def run_stage(task: Callable[[list[str]], object], description: str) -> None:
     )
     args = parser.parse_args()
     setup_logging()
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         task(args.overrides)
     except (ConfigError, InputError) as error:

@@ -8,11 +8,13 @@ DVC_ROOT to the original project there, so the default store is the same for
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,6 +145,46 @@ def dvc_tags() -> dict[str, str]:
         "DVC_EXP_BASELINE_REV": "dvc_exp_baseline_rev",
     }
     return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
+
+
+def start_training_run(
+    params: Mapping[str, Any], cfg: TrackingConfig, tags: Mapping[str, str]
+):
+    """Start a run in the configured experiment and log every parameter.
+
+    Besides `tags`, the run gets the dataset name, the git commit and, under
+    `dvc exp run`, the DVC experiment name and baseline revision.
+    """
+    import mlflow
+
+    use_experiment(cfg)
+    run = mlflow.start_run(run_name=cfg.run_name)
+    mlflow.log_params(shorten_values(flatten(params)))
+    dataset = params.get("dataset") or {}
+    mlflow.set_tags(
+        {
+            "dataset": str(dataset.get("name", "")),
+            **tags,
+            **git_tags(project_root()),
+            **dvc_tags(),
+        }
+    )
+    return run
+
+
+def log_keras_model(model, example) -> None:
+    """Log a Keras model with its signature, and an input example next to it."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    # NOTE: mlflow 3.17.2's Keras flavour writes input_example.json before it
+    # creates the model folder and fails, so the example is a run artifact.
+    mlflow.keras.log_model(model, name="model", signature=signature)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "input_example.json")
+        path.write_text(json.dumps({"inputs": example.tolist()}), encoding="utf-8")
+        mlflow.log_artifact(str(path), artifact_path="model_input")
 
 
 @contextmanager

@@ -7,9 +7,7 @@ the MLflow run id) and metrics/history.csv (one row per epoch).
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,44 +27,20 @@ HISTORY_FILE = Path("metrics/history.csv")
 
 
 def _start_run(params: Params, num_classes: int):
-    import mlflow
     import tensorflow as tf
 
     from stages import tracking
     from stages.devices import describe_devices, visible_gpus
 
-    tracking.use_experiment(params.tracking)
-    run = mlflow.start_run(run_name=params.tracking.run_name)
-    params_flat = tracking.shorten_values(tracking.flatten(params.raw))
-    mlflow.log_params(params_flat)
     device = describe_devices(visible_gpus())
-    mlflow.set_tags(
-        {
-            "dataset": str(params.raw.get("dataset", {}).get("name", "")),
-            "num_classes": str(num_classes),
-            "device": device,
-            "tensorflow_version": tf.__version__,
-            **tracking.git_tags(tracking.project_root()),
-            **tracking.dvc_tags(),
-        }
-    )
+    tags = {
+        "num_classes": str(num_classes),
+        "device": device,
+        "tensorflow_version": tf.__version__,
+    }
+    run = tracking.start_training_run(params.raw, params.tracking, tags)
     log.info("MLflow run %s; training on %s", run.info.run_id, device)
     return run
-
-
-def _log_model(model, example) -> None:
-    """Log the model with its signature, and an input example next to it."""
-    import mlflow
-    from mlflow.models import infer_signature
-
-    signature = infer_signature(example, model.predict(example, verbose=0))
-    # NOTE: mlflow 3.17.2's Keras flavour writes input_example.json before it
-    # creates the model folder and fails, so the example is a run artifact.
-    mlflow.keras.log_model(model, name="model", signature=signature)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder, "input_example.json")
-        path.write_text(json.dumps({"inputs": example.tolist()}), encoding="utf-8")
-        mlflow.log_artifact(str(path), artifact_path="model_input")
 
 
 def fit(params: Params, data: dict, num_classes: int, outputs: dict[str, Path]) -> dict:
@@ -108,7 +82,9 @@ def fit(params: Params, data: dict, num_classes: int, outputs: dict[str, Path]) 
     with atomic_file(outputs["model"]) as tmp:
         model.save(tmp)
     if params.tracking.log_model:
-        _log_model(model, x_train[:2])
+        from stages.tracking import log_keras_model
+
+        log_keras_model(model, x_train[:2])
     with atomic_file(outputs["history"]) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
