@@ -38,9 +38,26 @@ def _bounds(**limits: float) -> dict[str, dict[str, float]]:
 
 @dataclass(frozen=True)
 class DatasetConfig:
+    """Where the images come from; each source reads only its own keys.
+
+    digits needs nothing. folder reads `path` (a folder of class folders).
+    table reads `path` (a CSV or Parquet file), `image_column` and
+    `label_column`. archive reads `url` (http(s) URL or local path), `sha256`,
+    `allow_unverified`, `subdir`, `cache_dir`, `max_bytes` and `max_members`.
+    """
+
     name: str
-    source: Literal["digits", "folder"]
+    source: Literal["digits", "folder", "table", "archive"]
     path: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+    url: str | None = None
+    sha256: str | None = None
+    allow_unverified: bool = False
+    subdir: str | None = None
+    cache_dir: str = ".dvc/tmp/downloads"
+    max_bytes: int = field(default=10 * 1024**3, **_bounds(min=1))
+    max_members: int = field(default=1_000_000, **_bounds(min=1))
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,8 @@ class TrackingConfig:
     experiment_name: str = "image-classification"
     run_name: str | None = None
     log_model: bool = True
+    register_model: str | None = None
+    system_metrics: bool = False
 
 
 SECTIONS: dict[str, type] = {
@@ -230,6 +249,80 @@ def _validate_section(name: str, values: Any, schema: type) -> list[str]:
     return problems
 
 
+def _validate_dataset_sources(dataset: dict[str, Any]) -> list[str]:
+    """Check the keys that the selected dataset.source needs.
+
+    A "???" value is not reported here, because _validate_section reports it.
+    """
+    source = dataset.get("source")
+    problems = []
+    if source in ("folder", "table") and dataset.get("path") in (None, ""):
+        example = "/path/to/images" if source == "folder" else "/path/to/labels.csv"
+        problems.append(
+            f"dataset.path: required when dataset.source is '{source}'; "
+            f"set dataset.path={example}"
+        )
+    if source == "table":
+        for key in ("image_column", "label_column"):
+            if key in dataset and dataset[key] in (None, ""):
+                problems.append(
+                    f"dataset.{key}: must name a column of the table, "
+                    f"e.g. dataset.{key}={key.removesuffix('_column')}"
+                )
+    if source == "archive":
+        problems += _validate_archive_keys(dataset)
+    elif dataset.get("url") not in (None, MISSING):
+        problems.append(
+            f"dataset.url: used only when dataset.source is 'archive', but the "
+            f"source is {source!r}; remove dataset.url or set dataset=archive"
+        )
+    return problems
+
+
+def _validate_archive_keys(dataset: dict[str, Any]) -> list[str]:
+    """Check url, path, sha256 and subdir for dataset.source 'archive'."""
+    problems = []
+    url, sha256, subdir = (dataset.get(k) for k in ("url", "sha256", "subdir"))
+    if url in (None, ""):
+        problems.append(
+            "dataset.url: required when dataset.source is 'archive'; set "
+            "dataset.url=https://example.com/images.tgz or a local path"
+        )
+    if dataset.get("path") not in (None, MISSING):
+        problems.append(
+            "dataset.path: not used when dataset.source is 'archive'; give the "
+            "archive's URL or local path as dataset.url and set dataset.path=null"
+        )
+    if sha256 is None and dataset.get("allow_unverified") is not True:
+        problems.append(
+            "dataset.sha256: required when dataset.source is 'archive'; set "
+            "dataset.sha256=<64 hex digits, as printed by `sha256sum ARCHIVE`>, "
+            "or set dataset.allow_unverified=true to download once and log the hash"
+        )
+    if isinstance(sha256, str) and sha256 != MISSING and not _is_sha256(sha256):
+        problems.append(
+            f"dataset.sha256: invalid value {sha256!r}; expected 64 hexadecimal "
+            "digits, as printed by `sha256sum ARCHIVE`"
+        )
+    if isinstance(subdir, str) and not _is_inner_path(subdir):
+        problems.append(
+            f"dataset.subdir: invalid value {subdir!r}; expected a relative "
+            "folder path inside the archive, e.g. dataset.subdir=flower_photos"
+        )
+    return problems
+
+
+def _is_sha256(text: str) -> bool:
+    """Tell whether `text` is 64 hexadecimal digits."""
+    return len(text) == 64 and set(text.lower()) <= set("0123456789abcdef")
+
+
+def _is_inner_path(path: str) -> bool:
+    """Tell whether `path` is relative and has no '..' component."""
+    parts = path.replace("\\", "/").split("/")
+    return not parts[0].endswith(":") and parts[0] != "" and ".." not in parts
+
+
 def _validate_relations(params: dict[str, Any], sections: list[str]) -> list[str]:
     """Check rules that span several keys of a section."""
     problems = []
@@ -245,11 +338,7 @@ def _validate_relations(params: dict[str, Any], sections: list[str]) -> list[str
                 )
     dataset = params.get("dataset")
     if "dataset" in sections and isinstance(dataset, dict):
-        if dataset.get("source") == "folder" and dataset.get("path") in (None, ""):
-            problems.append(
-                "dataset.path: required when dataset.source is 'folder'; "
-                "set dataset.path=/path/to/images"
-            )
+        problems += _validate_dataset_sources(dataset)
     preprocess = params.get("preprocess")
     if "preprocess" in sections and isinstance(preprocess, dict):
         if len(preprocess.get("image_size") or [0, 0]) != 2:

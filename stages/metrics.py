@@ -118,11 +118,7 @@ def plot_confusion(counts: pd.DataFrame, target: Path) -> None:
     Label size, tick rotation and cell annotations adapt to the number of
     classes, so the picture stays readable from 2 to a few hundred classes.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     values = counts.to_numpy()
     totals = values.sum(axis=1, keepdims=True)
     normalised = np.divide(values, totals, out=np.zeros(values.shape), where=totals > 0)
@@ -132,6 +128,160 @@ def plot_confusion(counts: pd.DataFrame, target: Path) -> None:
     _draw_matrix(axes[0], values, labels, "Confusion matrix (counts)", "d")
     _draw_matrix(axes[1], normalised, labels, "Normalised by true class", ".2f")
     fig.tight_layout()
+    _save(fig, target)
+
+
+def normalised_confusion(counts: pd.DataFrame) -> pd.DataFrame:
+    """Divide each row of the confusion matrix by its true-class total."""
+    totals = counts.sum(axis=1).replace(0, 1)
+    return counts.div(totals, axis=0)
+
+
+def one_vs_rest_curves(
+    labels: np.ndarray, probabilities: np.ndarray, classes: list[str]
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Compute one-vs-rest ROC and precision-recall curves and their areas.
+
+    Returns:
+        A long table (curve, class, x, y) and the areas: `roc_auc.<class>`,
+        `pr_auc.<class>` (average precision) and their macro means. A class
+        absent from `labels` has no curve and no area.
+    """
+    from sklearn.metrics import (
+        average_precision_score,
+        precision_recall_curve,
+        roc_auc_score,
+        roc_curve,
+    )
+
+    rows, areas = [], {}
+    for index, name in enumerate(classes):
+        truth = labels == index
+        if truth.all() or not truth.any():
+            continue
+        scores = probabilities[:, index]
+        fpr, tpr, _ = roc_curve(truth, scores)
+        precision, recall, _ = precision_recall_curve(truth, scores)
+        rows += [("roc", name, x, y) for x, y in zip(fpr, tpr, strict=True)]
+        rows += [("pr", name, x, y) for x, y in zip(recall, precision, strict=True)]
+        areas[f"roc_auc.{name}"] = float(roc_auc_score(truth, scores))
+        areas[f"pr_auc.{name}"] = float(average_precision_score(truth, scores))
+    for kind in ("roc_auc", "pr_auc"):
+        values = [v for k, v in areas.items() if k.startswith(f"{kind}.")]
+        if values:
+            areas[f"{kind}_macro"] = float(np.mean(values))
+    return pd.DataFrame(rows, columns=["curve", "class", "x", "y"]), areas
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, target: Path) -> None:
     with atomic_file(target) as tmp:
         fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
+
+
+def plot_curves(curves: pd.DataFrame, areas: dict[str, float], target: Path) -> None:
+    """Save ROC and precision-recall curves side by side; the legend lists at
+    most 20 classes, with their areas under the curve."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    names = list(dict.fromkeys(curves["class"]))
+    for ax, kind, title, labels in (
+        (
+            axes[0],
+            "roc",
+            "ROC (one vs rest)",
+            ("false positive rate", "true positive rate"),
+        ),
+        (axes[1], "pr", "Precision-recall (one vs rest)", ("recall", "precision")),
+    ):
+        for name in names:
+            part = curves[(curves["curve"] == kind) & (curves["class"] == name)]
+            area = areas.get(f"{kind}_auc.{name}", float("nan"))
+            show = len(names) <= 20
+            ax.plot(
+                part["x"],
+                part["y"],
+                lw=1,
+                label=f"{shorten(name)} ({area:.3f})" if show else None,
+            )
+        macro = areas.get(f"{kind}_auc_macro", float("nan"))
+        ax.set_title(f"{title}, macro AUC {macro:.3f}")
+        ax.set_xlabel(labels[0])
+        ax.set_ylabel(labels[1])
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        if len(names) <= 20:
+            ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")
+    fig.tight_layout()
+    _save(fig, target)
+
+
+def plot_misclassified(
+    images: np.ndarray,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    classes: list[str],
+    target: Path,
+    limit: int = 36,
+) -> int:
+    """Save a grid of the most confident mistakes with true and predicted labels.
+
+    Returns:
+        The number of images shown (0 writes a picture that says so).
+    """
+    plt = _pyplot()
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:limit]
+    columns = max(1, min(6, len(wrong)))
+    rows = max(1, int(np.ceil(len(wrong) / columns)))
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    if not len(wrong):
+        axes[0, 0].text(0.5, 0.5, "no misclassified test images", ha="center")
+    for ax, i in zip(axes.flat, wrong, strict=False):
+        picture = images[i]
+        ax.imshow(
+            picture[..., 0] if picture.shape[-1] == 1 else picture,
+            cmap="gray",
+            vmin=0,
+            vmax=255,
+        )
+        confidence = probabilities[i, predicted[i]]
+        true_name = shorten(classes[labels[i]], 10)
+        predicted_name = shorten(classes[predicted[i]], 10)
+        title = f"true {true_name}\npred {predicted_name} ({confidence:.2f})"
+        ax.set_title(title, fontsize=8)
+    fig.suptitle("Misclassified test images, most confident first")
+    fig.tight_layout()
+    _save(fig, target)
+    return len(wrong)
+
+
+def plot_history(history: pd.DataFrame, target: Path) -> None:
+    """Save loss, accuracy and learning rate per epoch as three panels."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (("loss", "loss"), ("accuracy", "accuracy"), ("learning_rate", None))
+    for ax, (metric, suffix) in zip(axes, panels, strict=True):
+        names = [f"train_{suffix}", f"val_{suffix}"] if suffix else [metric]
+        for name in names:
+            if name in history:
+                ax.plot(history["epoch"], history[name], marker=".", label=name)
+        ax.set_title(metric.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    _save(fig, target)

@@ -112,11 +112,19 @@ def sanitize_key(name: str) -> str:
 
 
 def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    """Drop NaN and infinite values, with a warning, because MLflow rejects them."""
+    """Drop NaN and infinite values, because MLflow rejects or alters them.
+
+    Each dropped value is logged as a warning and, when a run is active,
+    recorded in a `nonfinite.<metric>` tag.
+    """
+    import mlflow
+
     kept = {}
     for key, value in metrics.items():
         if value is None or not math.isfinite(float(value)):
             log.warning("Metric %s is %s; not logged", key, value)
+            if mlflow.active_run():
+                mlflow.set_tag(f"nonfinite.{sanitize_key(key)}", str(value))
             continue
         kept[sanitize_key(key)] = float(value)
     return kept
@@ -147,40 +155,100 @@ def dvc_tags() -> dict[str, str]:
     return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
 
 
-def start_training_run(
-    params: Mapping[str, Any], cfg: TrackingConfig, tags: Mapping[str, str]
-):
-    """Start a run in the configured experiment and log every parameter.
+def _log_config(params: Mapping[str, Any]) -> None:
+    """Save the resolved config and the overrides of conf/ that produced it."""
+    import mlflow
+    import yaml
 
-    Besides `tags`, the run gets the dataset name, the git commit and, under
-    `dvc exp run`, the DVC experiment name and baseline revision.
+    from stages.provenance import describe_overrides
+
+    mlflow.log_dict(dict(params), "config/params.yaml")
+    try:
+        overrides = describe_overrides(dict(params), project_root())
+    except Exception as error:  # the config is logged; the overrides are a bonus
+        log.warning("Could not derive the overrides from conf/: %s", error)
+        return
+    mlflow.log_text(
+        yaml.safe_dump(overrides, allow_unicode=True), "config/overrides.yaml"
+    )
+    mlflow.set_tag("overrides", " ".join(overrides)[:5000] or "(defaults)")
+
+
+def _log_data(split_dir: Path, processed_dir: Path, dataset: str) -> None:
+    """Record the split manifests as MLflow inputs and tag their content hashes."""
+    import mlflow
+    import pandas as pd
+
+    from stages.provenance import hash_files, hash_folder
+
+    tags = {}
+    for split in ("train", "val", "test"):
+        manifest = split_dir / f"{split}.csv"
+        if not manifest.is_file():
+            continue
+        table = pd.read_csv(manifest, dtype={"label": str}, keep_default_na=False)
+        data = mlflow.data.from_pandas(
+            table,
+            source=str(manifest.resolve()),
+            name=f"{dataset}-{split}",
+            targets="label",
+        )
+        mlflow.log_input(data, context=split)
+        tags[f"data_sha256.{split}"] = hash_files([manifest])
+    if processed_dir.is_dir():
+        tags["data_sha256.processed"] = hash_folder(processed_dir)
+    mlflow.set_tags(tags)
+
+
+def start_training_run(
+    params: Mapping[str, Any],
+    cfg: TrackingConfig,
+    tags: Mapping[str, str],
+    split_dir: Path = Path("data/split"),
+    processed_dir: Path = Path("data/processed"),
+):
+    """Start a run in the configured experiment and log everything it depends on.
+
+    The run gets every parameter, the config as YAML with its overrides, the
+    split manifests as inputs, content hashes of the data, `tags`, the
+    dataset name, the git commit and, under `dvc exp run`, the DVC
+    experiment name and baseline revision.
     """
     import mlflow
 
     use_experiment(cfg)
-    run = mlflow.start_run(run_name=cfg.run_name)
+    run = mlflow.start_run(
+        run_name=cfg.run_name, log_system_metrics=cfg.system_metrics or None
+    )
     mlflow.log_params(shorten_values(flatten(params)))
-    dataset = params.get("dataset") or {}
+    dataset = str((params.get("dataset") or {}).get("name", ""))
     mlflow.set_tags(
         {
-            "dataset": str(dataset.get("name", "")),
+            "dataset": dataset,
             **tags,
             **git_tags(project_root()),
             **dvc_tags(),
         }
     )
+    _log_config(params)
+    _log_data(split_dir, processed_dir, dataset)
     return run
 
 
-def log_keras_model(model, example) -> None:
-    """Log a Keras model with its signature, and an input example next to it."""
+def log_keras_model(model, example, registered_name: str | None = None) -> None:
+    """Log a Keras model with its signature, and an input example next to it.
+
+    With `registered_name`, the model is also registered in the Model Registry.
+    """
     import mlflow
     from mlflow.models import infer_signature
 
     signature = infer_signature(example, model.predict(example, verbose=0))
     # NOTE: mlflow 3.17.2's Keras flavour writes input_example.json before it
     # creates the model folder and fails, so the example is a run artifact.
-    mlflow.keras.log_model(model, name="model", signature=signature)
+    mlflow.keras.log_model(
+        model, name="model", signature=signature, registered_model_name=registered_name
+    )
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder, "input_example.json")
         path.write_text(json.dumps({"inputs": example.tolist()}), encoding="utf-8")

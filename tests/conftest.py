@@ -94,3 +94,15 @@ def trained(digits_project: Path) -> Iterator[tuple[Path, dict]]:
         patch.chdir(digits_project)
         metrics = train(["model=cnn_small", "train.epochs=2", "train.batch_size=64"])
         yield digits_project, metrics
+
+
+@pytest.fixture(scope="session")
+def evaluated(trained: tuple[Path, dict]) -> tuple[Path, dict, dict]:
+    """The trained digits project after the evaluate stage."""
+    from stages.evaluate import evaluate
+
+    project, train_metrics = trained
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(project)
+        metrics = evaluate([])
+    return project, train_metrics, metrics

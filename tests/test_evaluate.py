@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from stages.evaluate import evaluate
+from stages.evaluate import OUTPUTS, evaluate
 from tests.conftest import client_for
-
-
-@pytest.fixture(scope="session")
-def evaluated(trained):
-    project, train_metrics = trained
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(project)
-        metrics = evaluate([])
-    return project, train_metrics, metrics
 
 
 def test_evaluate_writes_metrics(evaluated) -> None:
@@ -66,17 +56,7 @@ def test_evaluate_logs_to_training_run(evaluated) -> None:
 def test_evaluate_changed_settings_use_child_run(evaluated, monkeypatch) -> None:
     project, train_metrics, _ = evaluated
     monkeypatch.chdir(project)
-    outputs = {
-        k: project / "scratch" / Path(v).name
-        for k, v in {
-            "metrics": "evaluate.json",
-            "per_class": "per_class.csv",
-            "predictions": "confusion.csv",
-            "confusion": "confusion_matrix.csv",
-            "most_confused": "most_confused.csv",
-            "confusion_plot": "confusion.png",
-        }.items()
-    }
+    outputs = {k: project / "scratch" / v.name for k, v in OUTPUTS.items()}
     metrics = evaluate(["evaluate.top_k=5"], outputs=outputs)
     saved = json.loads(outputs["metrics"].read_text())
     child = client_for(project).get_run(saved["mlflow_run_id"])
