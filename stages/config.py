@@ -38,7 +38,7 @@ def _bounds(**limits: float) -> dict[str, dict[str, float]]:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """Where the images come from; each source reads only its own keys.
+    """Dataset source and its settings. Each source reads only its own keys.
 
     digits needs nothing. folder reads `path` (a folder of class folders).
     table reads `path` (a CSV or Parquet file), `image_column` and

@@ -58,20 +58,53 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_pipeline_repro_then_experiments(repo: Path) -> None:
+def commit_all(repo: Path, message: str) -> None:
+    run(["git", "add", "-A"], repo)
     run(
-        [sys.executable, "-m", "stages.config", "model=cnn_small", "train.epochs=1"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message],
         repo,
     )
-    first = run(["dvc", "repro"], repo)
-    assert stages_run(first) == ["download", "preprocess", "split", "train", "evaluate"]
+
+
+def experiment_runs(repo: Path) -> list:
+    """All MLflow runs of the default experiment, newest first."""
+    client = client_for(repo)
+    experiment = client.get_experiment_by_name("image-classification")
+    return client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])
+
+
+def train_run_id(repo: Path) -> str:
+    return json.loads((repo / "metrics/train.json").read_text())["mlflow_run_id"]
+
+
+@pytest.fixture(scope="module")
+def first_repro(repo: Path) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "stages.config",
+        "model=cnn_small",
+        "train.epochs=1",
+    ]
+    run(command, repo)
+    return run(["dvc", "repro"], repo)
+
+
+def test_pipeline_repro_runs_every_stage(repo: Path, first_repro) -> None:
+    assert stages_run(first_repro) == [
+        "download",
+        "preprocess",
+        "split",
+        "train",
+        "evaluate",
+    ]
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
     assert 0.3 < evaluation["accuracy"] <= 1.0
     assert (repo / "models/model.keras").is_file()
     assert (repo / "plots/confusion_matrix.png").is_file()
 
     client = client_for(repo)
-    run_id = json.loads((repo / "metrics/train.json").read_text())["mlflow_run_id"]
+    run_id = train_run_id(repo)
     stored = client.get_run(run_id)
     assert stored.info.status == "FINISHED"
     assert stored.data.params["train.epochs"] == "1"
@@ -81,42 +114,90 @@ def test_pipeline_repro_then_experiments(repo: Path) -> None:
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert "evaluation/confusion_matrix.png" in artifacts
 
+
+def test_pipeline_second_repro_is_noop(repo: Path, first_repro) -> None:
     again = run(["dvc", "repro"], repo)
     assert stages_run(again) == []
     assert "Data and pipelines are up to date" in again.stdout + again.stderr
 
-    run(["git", "add", "-A"], repo)
-    run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"],
-        repo,
-    )
+
+def test_pipeline_plots_render(repo: Path, first_repro, tmp_path: Path) -> None:
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    for title in ("Confusion matrix (test)", "Training curves", "roc_pr_curves.png"):
+        assert title in page, title
+
+
+def test_pipeline_exp_run_reruns_train_only(repo: Path, first_repro) -> None:
+    commit_all(repo, "first run")
     experiment = run(
         ["dvc", "exp", "run", "-S", "model=cnn_small", "-S", "train.epochs=2"], repo
     )
     assert stages_run(experiment) == ["train", "evaluate"]
-    runs = client.search_runs([stored.info.experiment_id], order_by=["start_time DESC"])
+    runs = experiment_runs(repo)
     assert len(runs) == 2
     assert runs[0].data.params["train.epochs"] == "2"
     assert runs[0].data.tags["dvc_exp_name"]
+    assert runs[0].info.run_id == train_run_id(repo)
+    diff = run(["dvc", "plots", "diff", "HEAD", "--json"], repo)
+    assert "metrics/history.csv" in diff.stdout
 
+
+def test_pipeline_run_cache_keeps_run_id(repo: Path, first_repro) -> None:
+    original = client_for(repo).search_runs(
+        [experiment_runs(repo)[0].info.experiment_id],
+        filter_string="params.`train.epochs` = '1'",
+    )[0]
+    restored = run(
+        ["dvc", "exp", "run", "-S", "model=cnn_small", "-S", "train.epochs=1"], repo
+    )
+    assert "train" not in stages_run(restored)
+    assert "Stage 'train' is cached" in restored.stdout + restored.stderr
+    assert train_run_id(repo) == original.info.run_id
+    assert len(experiment_runs(repo)) == 2
+
+
+def test_pipeline_temp_and_queued_runs_share_store(repo: Path, first_repro) -> None:
+    overrides = ["-S", "model=cnn_small", "-S", "train.epochs=1"]
     temp = run(
+        ["dvc", "exp", "run", "--temp", *overrides, "-S", "train.learning_rate=0.002"],
+        repo,
+    )
+    assert stages_run(temp) == ["train", "evaluate"]
+    run(
         [
             "dvc",
             "exp",
             "run",
-            "--temp",
+            "--queue",
+            *overrides,
             "-S",
-            "model=cnn_small",
-            "-S",
-            "train.epochs=1",
-            "-S",
-            "train.learning_rate=0.002",
+            "train.learning_rate=0.003,0.004",
         ],
         repo,
     )
-    assert stages_run(temp) == ["train", "evaluate"]
-    runs = client.search_runs([stored.info.experiment_id])
-    assert len(runs) == 3
-    assert {r.data.params["train.learning_rate"] for r in runs} >= {"0.002"}
+    run(["dvc", "exp", "run", "--run-all", "-j", "1"], repo)
+    runs = experiment_runs(repo)
+    rates = {r.data.params["train.learning_rate"] for r in runs}
+    assert {"0.002", "0.003", "0.004"} <= rates
+    assert len(runs) == 5
+    assert all(r.info.status == "FINISHED" for r in runs)
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     assert not list((repo / ".dvc" / "tmp").rglob("mlruns"))
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    assert {r.info.run_id for r in runs[:3]} <= set(collect_run_ids(shown))
+
+
+def collect_run_ids(node) -> list[str]:
+    """Find every `mlflow_run_id` value in the output of `dvc exp show --json`."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "mlflow_run_id" and isinstance(value, str):
+                found.append(value)
+            else:
+                found += collect_run_ids(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += collect_run_ids(item)
+    return found

@@ -128,3 +128,59 @@ def test_nan_loss_is_tagged_not_logged(odd_project: Path, monkeypatch) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.tags.get("nonfinite.train_loss") == "nan"
     assert "train_loss" not in run.data.metrics
+
+
+def test_crash_mid_training_marks_run_failed(
+    digits_project: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(digits_project / "data", broken / "data")
+    manifest = broken / "data/split/train.csv"
+    rows = manifest.read_text().splitlines()
+    header = rows[0].split(",")
+    column = header.index("class_index")
+    first = rows[1].split(",")
+    first[column] = "99"  # no such class: the loss fails inside fit()
+    manifest.write_text("\n".join([rows[0], ",".join(first), *rows[2:]]) + "\n")
+    monkeypatch.chdir(digits_project)
+    client = client_for(digits_project)
+    experiment = client.get_experiment_by_name("image-classification").experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment])}
+    with pytest.raises(Exception, match="99"):
+        train(
+            ["model=cnn_small", "train.epochs=1"],
+            processed_dir=broken / "data/processed",
+            split_dir=broken / "data/split",
+            outputs={
+                "model": tmp_path / "model.keras",
+                "metrics": tmp_path / "train.json",
+                "history": tmp_path / "history.csv",
+            },
+        )
+    runs = client.search_runs([experiment])
+    (failed,) = [r for r in runs if r.info.run_id not in before]
+    assert failed.info.status == "FAILED"
+    assert "99" in failed.data.tags["error"]
+    assert not (tmp_path / "model.keras").exists()
+
+
+def test_system_metrics_logged_when_enabled(
+    digits_project: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(digits_project)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    outputs = {
+        "model": tmp_path / "model.keras",
+        "metrics": tmp_path / "train.json",
+        "history": tmp_path / "history.csv",
+    }
+    metrics = train(
+        ["model=cnn_small", "train.epochs=3", "tracking.system_metrics=true"],
+        outputs=outputs,
+    )
+    run = client_for(digits_project).get_run(metrics["mlflow_run_id"])
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system
+    assert "system/system_memory_usage_megabytes" in system
