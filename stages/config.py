@@ -72,6 +72,7 @@ class PreprocessConfig:
     shard_size: int = field(default=4096, **_bounds(min=1))
     workers: int = field(default=0, **_bounds(min=0))
     on_error: Literal["skip", "fail"] = "skip"
+    min_images_per_class: int = field(default=3, **_bounds(min=1))
 
 
 @dataclass(frozen=True)
@@ -82,26 +83,118 @@ class SplitConfig:
     seed: int = 42
 
 
+BACKBONES = ("mobilenet_v2", "efficientnet_b0", "resnet50")
+# Width multipliers for which Keras publishes ImageNet weights of MobileNetV2.
+MOBILENET_V2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+MIN_BACKBONE_SIZE = 32  # Keras Applications reject smaller inputs
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Second training phase of a pretrained backbone: `layers` = 0 skips it."""
+
+    layers: int = field(default=0, **_bounds(min=0))
+    epochs: int = field(default=0, **_bounds(min=0))
+    learning_rate: float = field(default=1e-5, **_bounds(above=0))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    """Architecture: a CNN built from `filters`, or a Keras Applications backbone.
+
+    The CNN reads filters, convs_per_block, kernel_size, batch_norm and
+    dense_units. Backbones read weights, alpha (mobilenet_v2 only) and
+    fine_tune. Both read input_size and dropout.
+    """
+
     name: str
-    filters: list[int] = field(**_bounds(min=1))
+    architecture: Literal["cnn", "mobilenet_v2", "efficientnet_b0", "resnet50"] = "cnn"
+    filters: list[int] = field(default_factory=list, **_bounds(min=1))
     convs_per_block: int = field(default=1, **_bounds(min=1))
     kernel_size: int = field(default=3, **_bounds(min=1))
     batch_norm: bool = False
     dense_units: list[int] = field(default_factory=list, **_bounds(min=1))
     dropout: float = field(default=0.0, **_bounds(min=0, below=1))
+    input_size: list[int] | None = field(default=None, **_bounds(min=1))
+    weights: str = "none"
+    alpha: float = field(default=1.0, **_bounds(above=0))
+    # A mapping checked against FineTuneConfig, then stored as one.
+    fine_tune: FineTuneConfig | dict = field(default_factory=FineTuneConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fine_tune, dict):
+            fine_tune = _nested(FineTuneConfig, self.fine_tune)
+            object.__setattr__(self, "fine_tune", fine_tune)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random changes to training images; 0 (or flip: none) turns each one off.
+
+    Factors are fractions: rotation of a full turn, zoom and translation of
+    the image size, contrast and brightness of the pixel range.
+    """
+
+    name: str
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
+    rotation: float = field(default=0.0, **_bounds(min=0, max=0.5))
+    zoom: float = field(default=0.0, **_bounds(min=0, below=1))
+    translation: float = field(default=0.0, **_bounds(min=0, below=1))
+    contrast: float = field(default=0.0, **_bounds(min=0, max=1))
+    brightness: float = field(default=0.0, **_bounds(min=0, max=1))
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop a phase once `monitor` stops improving; the best weights are kept."""
+
+    enabled: bool = False
+    monitor: Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"] = (
+        "val_loss"
+    )
+    patience: int = field(default=5, **_bounds(min=1))
+    min_delta: float = field(default=0.0, **_bounds(min=0))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = field(**_bounds(min=1))
     batch_size: int = field(**_bounds(min=1))
-    optimizer: Literal["adam", "sgd"]
+    optimizer: Literal["adam", "sgd", "adamw"]
     learning_rate: float = field(**_bounds(above=0))
     momentum: float = field(default=0.9, **_bounds(min=0, below=1))
+    nesterov: bool = False
+    weight_decay: float = field(default=1e-4, **_bounds(min=0))
+    clipnorm: float | None = field(default=None, **_bounds(above=0))
+    lr_schedule: Literal["constant", "step", "cosine"] = "constant"
+    warmup_epochs: int = field(default=0, **_bounds(min=0))
+    decay_rate: float = field(default=0.1, **_bounds(above=0, max=1))
+    decay_epochs: int = field(default=10, **_bounds(min=1))
+    label_smoothing: float = field(default=0.0, **_bounds(min=0, below=1))
+    class_weight: Literal["none", "balanced"] = "none"
+    # A mapping checked against EarlyStoppingConfig, then stored as one.
+    early_stopping: EarlyStoppingConfig | dict = field(
+        default_factory=EarlyStoppingConfig
+    )
     seed: int = 42
+    deterministic: bool = False
     shuffle_buffer: int = field(default=10_000, **_bounds(min=1))
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
+    strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
+    jit_compile: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.early_stopping, dict):
+            stopping = _nested(EarlyStoppingConfig, self.early_stopping)
+            object.__setattr__(self, "early_stopping", stopping)
+
+
+def _nested(schema: type, values: dict[str, Any]) -> Any:
+    """Build a nested config dataclass from an already validated mapping."""
+    hints = typing.get_type_hints(schema)
+    return schema(
+        **{k: float(v) if hints[k] is float else v for k, v in values.items()}
+    )
 
 
 @dataclass(frozen=True)
@@ -125,6 +218,7 @@ SECTIONS: dict[str, type] = {
     "preprocess": PreprocessConfig,
     "split": SplitConfig,
     "model": ModelConfig,
+    "augment": AugmentConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "tracking": TrackingConfig,
@@ -140,6 +234,7 @@ class Params:
     preprocess: PreprocessConfig | None = None
     split: SplitConfig | None = None
     model: ModelConfig | None = None
+    augment: AugmentConfig | None = None
     train: TrainConfig | None = None
     evaluate: EvaluateConfig | None = None
     tracking: TrackingConfig | None = None
@@ -323,6 +418,100 @@ def _is_inner_path(path: str) -> bool:
     return not parts[0].endswith(":") and parts[0] != "" and ".." not in parts
 
 
+def _validate_fine_tune(model: dict[str, Any]) -> list[str]:
+    """Check model.fine_tune against FineTuneConfig and the starting weights."""
+    fine_tune = model.get("fine_tune", {})
+    if not isinstance(fine_tune, dict):
+        return []  # the type problem is reported with the model section
+    problems = _validate_section("model.fine_tune", fine_tune, FineTuneConfig)
+    layers, epochs = fine_tune.get("layers", 0), fine_tune.get("epochs", 0)
+    if not isinstance(layers, int) or layers == 0:
+        return problems
+    if epochs == 0:
+        problems.append(
+            "model.fine_tune.epochs: must be at least 1 when "
+            f"model.fine_tune.layers is {layers}; or set model.fine_tune.layers=0"
+        )
+    if model.get("architecture", "cnn") == "cnn":
+        problems.append(
+            "model.fine_tune.layers: the cnn trains every layer from the start; "
+            "fine-tuning needs a backbone such as model=mobilenet_v2"
+        )
+    elif model.get("weights", "none") == "none":
+        problems.append(
+            "model.fine_tune.layers: with model.weights=none the whole backbone "
+            "trains from the first epoch; set it to 0, or start from "
+            "model.weights=imagenet or a local weights file"
+        )
+    return problems
+
+
+def _validate_backbone(model: dict[str, Any]) -> list[str]:
+    """Check the weights, input size and width of a Keras Applications backbone."""
+    problems = []
+    architecture = model["architecture"]
+    weights = model.get("weights", "none")
+    if isinstance(weights, str) and weights not in ("imagenet", "none"):
+        if not weights.endswith(".h5"):
+            problems.append(
+                f"model.weights: invalid value {weights!r}; expected imagenet, none "
+                "or a local weights file, e.g. model.weights=/path/to/file.weights.h5"
+            )
+    size = model.get("input_size")
+    if isinstance(size, list) and len(size) == 2 and min(size) < MIN_BACKBONE_SIZE:
+        problems.append(
+            f"model.input_size: invalid value {size!r}; {architecture} needs "
+            f"at least {MIN_BACKBONE_SIZE} pixels in each dimension"
+        )
+    alpha = model.get("alpha", 1.0)
+    if architecture == "mobilenet_v2" and weights == "imagenet":
+        if alpha not in MOBILENET_V2_ALPHAS:
+            allowed = ", ".join(str(a) for a in MOBILENET_V2_ALPHAS)
+            problems.append(
+                f"model.alpha: invalid value {alpha!r}; ImageNet weights of "
+                f"mobilenet_v2 exist for alpha {allowed}"
+            )
+    return problems
+
+
+def _validate_model(model: dict[str, Any]) -> list[str]:
+    """Check the model keys that depend on the architecture."""
+    problems = _validate_fine_tune(model)
+    size = model.get("input_size")
+    if isinstance(size, list) and len(size) != 2:
+        problems.append(
+            f"model.input_size: invalid value {size!r}; expected [height, width]"
+        )
+    if model.get("architecture", "cnn") != "cnn":
+        return problems + _validate_backbone(model)
+    if not model.get("filters"):
+        problems.append("model.filters: needs at least one block, e.g. [32, 64]")
+    if model.get("weights", "none") != "none":
+        problems.append(
+            f"model.weights: invalid value {model['weights']!r}; the cnn starts "
+            "from random weights, so only 'none' is allowed"
+        )
+    return problems
+
+
+def _validate_train(train: dict[str, Any]) -> list[str]:
+    """Check the training keys that depend on each other."""
+    problems = []
+    stopping = train.get("early_stopping", {})
+    if isinstance(stopping, dict):
+        problems += _validate_section(
+            "train.early_stopping", stopping, EarlyStoppingConfig
+        )
+    warmup, epochs = train.get("warmup_epochs", 0), train.get("epochs")
+    numbers = all(isinstance(v, int) for v in (warmup, epochs))
+    if numbers and warmup > 0 and warmup >= epochs:
+        problems.append(
+            f"train.warmup_epochs: invalid value {warmup}; must be less than "
+            f"train.epochs ({epochs})"
+        )
+    return problems
+
+
 def _validate_relations(params: dict[str, Any], sections: list[str]) -> list[str]:
     """Check rules that span several keys of a section."""
     problems = []
@@ -352,8 +541,11 @@ def _validate_relations(params: dict[str, Any], sections: list[str]) -> list[str
                 "expected [red, green, blue]"
             )
     model = params.get("model")
-    if "model" in sections and isinstance(model, dict) and model.get("filters") == []:
-        problems.append("model.filters: needs at least one block, e.g. [32, 64]")
+    if "model" in sections and isinstance(model, dict):
+        problems += _validate_model(model)
+    train = params.get("train")
+    if "train" in sections and isinstance(train, dict):
+        problems += _validate_train(train)
     return problems
 
 

@@ -128,7 +128,16 @@ def copy_folder(source: Path, target: Path) -> Counter[str]:
     Hidden and system files are left out. Returns the number of files per class.
     """
     counts: Counter[str] = Counter()
-    for class_dir in _check_class_folder(source):
+    class_dirs = _check_class_folder(source)
+    loose = [p.name for p in source.iterdir() if p.is_file() and not is_ignored(p.name)]
+    if loose:
+        log.warning(
+            "%d files in %s lie outside any class folder and are left out, e.g. %s",
+            len(loose),
+            source,
+            ", ".join(sorted(loose)[:3]),
+        )
+    for class_dir in class_dirs:
         shutil.copytree(
             class_dir,
             target / class_dir.name,

@@ -9,6 +9,7 @@ rather than clamped as Pillow's own conversion does.
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,11 +106,13 @@ def _resize(image: Image.Image, settings: DecodeSettings) -> Image.Image:
     return image.resize(size, Image.Resampling.BILINEAR)
 
 
-def _open_checked(path: Path, max_pixels: int) -> Image.Image:
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     try:
-        image = Image.open(path)
+        image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError("not an image or an unsupported format") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"corrupt or truncated image ({error})") from None
     width, height = image.size
     if width * height > max_pixels:
         image.close()
@@ -128,7 +131,7 @@ def decode_image(path: Path, settings: DecodeSettings) -> DecodedImage:
     """
     data = path.read_bytes()
     sha256 = hashlib.sha256(data).hexdigest()
-    image = _open_checked(path, settings.max_pixels)
+    image = _open_checked(data, settings.max_pixels)
     try:
         image.seek(0)  # first frame of an animation
         image.load()

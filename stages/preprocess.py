@@ -14,7 +14,12 @@ from stages.cli import InputError, run_stage
 from stages.config import PreprocessConfig, load_params
 from stages.fsutil import atomic_dir, write_json
 from stages.images import DecodeSettings, ImageError
-from stages.preprocessing import preprocess_folder, summarise_skipped
+from stages.preprocessing import (
+    class_problems,
+    drop_small_classes,
+    preprocess_folder,
+    summarise_skipped,
+)
 
 log = logging.getLogger("stages.preprocess")
 
@@ -34,6 +39,29 @@ def decode_settings(cfg: PreprocessConfig) -> DecodeSettings:
         background=tuple(cfg.background),
         max_pixels=cfg.max_pixels,
     )
+
+
+def _check_classes(raw_dir, index, skipped, cfg: PreprocessConfig):
+    """Report empty and small classes; drop small ones, or raise under on_error=fail."""
+    empty, small = class_problems(raw_dir, index, cfg.min_images_per_class)
+    if empty:
+        log.warning("Class folders without a usable image: %s", ", ".join(empty))
+    if small:
+        log.warning(
+            "Classes with fewer than %d images: %s",
+            cfg.min_images_per_class,
+            ", ".join(small),
+        )
+    if cfg.on_error == "fail" and (empty or small):
+        raise InputError(
+            f"Classes without enough usable images under {raw_dir}: "
+            f"{', '.join(empty + small)}; add images, lower "
+            "preprocess.min_images_per_class, or set preprocess.on_error=skip to "
+            "leave them out"
+        )
+    index, skipped = drop_small_classes(index, skipped, small, cfg.min_images_per_class)
+    problems = {"num_empty_classes": len(empty), "num_small_classes": len(small)}
+    return index, skipped, problems
 
 
 def preprocess(
@@ -68,6 +96,7 @@ def preprocess(
             raise InputError(
                 f"{error}; remove or fix the file, or set preprocess.on_error=skip"
             ) from None
+        index, skipped, problems = _check_classes(raw_dir, index, skipped, cfg)
         if index.empty:
             raise InputError(f"No usable image found under {raw_dir}")
         classes = sorted(index["label"].unique())
@@ -91,6 +120,7 @@ def preprocess(
         "num_images": len(index),
         "num_skipped": len(skipped),
         "num_classes": len(classes),
+        **problems,
     }
     write_json(metrics_file, metrics)
     return metrics

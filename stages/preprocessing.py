@@ -143,6 +143,41 @@ def preprocess_folder(
     return index, pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
 
 
+def class_problems(
+    raw_dir: Path, index: pd.DataFrame, min_images: int
+) -> tuple[list[str], list[str]]:
+    """Find class folders with no usable image and classes below `min_images`.
+
+    Returns:
+        The empty class names and the small class names, each sorted.
+    """
+    folders = {
+        p.name for p in raw_dir.iterdir() if p.is_dir() and not is_ignored(p.name)
+    }
+    counts = index["label"].value_counts()
+    empty = sorted(folders - set(counts.index))
+    small = sorted(label for label, n in counts.items() if n < min_images)
+    return empty, small
+
+
+def drop_small_classes(
+    index: pd.DataFrame, skipped: pd.DataFrame, small: list[str], min_images: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Move the images of `small` classes from the index to the skipped table."""
+    dropped = index["label"].isin(small)
+    counts = index["label"].value_counts()
+    reasons = [
+        f"class '{label}' has {counts[label]} images, below "
+        f"preprocess.min_images_per_class={min_images}"
+        for label in index.loc[dropped, "label"]
+    ]
+    moved = pd.DataFrame({"file": index.loc[dropped, "file"], "reason": reasons})
+    kept = index[~dropped].reset_index(drop=True)
+    classes = sorted(kept["label"].unique())
+    kept["class_index"] = kept["label"].map({c: i for i, c in enumerate(classes)})
+    return kept, pd.concat([skipped, moved], ignore_index=True)
+
+
 def summarise_skipped(skipped: pd.DataFrame, examples: int = 3) -> str:
     """Describe skipped files in one line: count per reason and a few examples."""
     reasons = Counter(skipped["reason"])

@@ -15,7 +15,13 @@ import pandas as pd
 from stages.cli import InputError, run_stage
 from stages.config import load_params
 from stages.fsutil import atomic_dir, atomic_file
-from stages.splitting import SPLITS, assign_splits, class_distribution, duplicate_groups
+from stages.splitting import (
+    SPLITS,
+    assign_splits,
+    class_distribution,
+    duplicate_groups,
+    missing_splits,
+)
 
 log = logging.getLogger("stages.split")
 
@@ -68,6 +74,12 @@ def split(
     )
 
     assigned = assign_splits(index, fractions, cfg.seed)
+    for label, splits in missing_splits(index, assigned, fractions).items():
+        log.warning(
+            "Class '%s' has too few images for every split; none in %s",
+            label,
+            ", ".join(splits),
+        )
     duplicated, conflicts = duplicate_groups(index)
     if duplicated:
         log.warning(

@@ -30,15 +30,14 @@ def _fill_empty_splits(
     assigned: pd.Series,
     bounds: dict[str, tuple[float, float]],
 ) -> None:
-    """Give one class an image in each split it lacks, if it has enough images.
+    """Give one class an image in each split it lacks, while it has images to spare.
 
     The image moved is the one whose hash position is nearest to the empty
     split's interval, taken from a split that keeps at least one image; its
-    duplicates move with it.
+    duplicates move with it. Splits are filled in the order train, test, val.
     """
-    wanted = [s for s in SPLITS if bounds[s][1] > bounds[s][0]]
-    if index.loc[rows, "sha256"].nunique() < len(wanted):
-        return
+    # Filled in this order, so a class of two images gets train and test.
+    wanted = [s for s in ("train", "test", "val") if bounds[s][1] > bounds[s][0]]
     for split in wanted:
         current = assigned[rows]
         if (current == split).any():
@@ -93,3 +92,16 @@ def duplicate_groups(index: pd.DataFrame) -> tuple[int, pd.DataFrame]:
     return duplicated, conflicts.sort_values(["sha256", "label"])[
         ["sha256", "file", "label"]
     ]
+
+
+def missing_splits(
+    index: pd.DataFrame, assigned: pd.Series, fractions: dict[str, float]
+) -> dict[str, list[str]]:
+    """Name, per class, the splits with a non-zero fraction that got no image."""
+    wanted = [s for s in SPLITS if fractions[s] > 0]
+    present = assigned.groupby(index["label"]).agg(set)
+    return {
+        label: [s for s in wanted if s not in splits]
+        for label, splits in present.items()
+        if any(s not in splits for s in wanted)
+    }

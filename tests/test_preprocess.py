@@ -30,7 +30,13 @@ def test_preprocess_writes_shards_and_index(raw_folder: Path, project: Path) -> 
     metrics = preprocess(["preprocess.shard_size=4", "preprocess.image_size=[6,7]"])
     out = project / "data/processed"
     index = pd.read_csv(out / "index.csv", keep_default_na=False)
-    assert metrics == {"num_images": 12, "num_skipped": 2, "num_classes": 3}
+    assert metrics == {
+        "num_images": 12,
+        "num_skipped": 2,
+        "num_classes": 3,
+        "num_empty_classes": 0,
+        "num_small_classes": 0,
+    }
     assert json.loads((out / "classes.json").read_text()) == ["cat", "dog", "ëmu x"]
     assert len(list(out.glob("images-*.npy"))) == 3
     assert index["sha256"].str.len().eq(64).all()
@@ -70,3 +76,28 @@ def test_preprocess_digits(digits_project: Path) -> None:
     assert len(index) == 1797
     assert index["class_index"].nunique() == 10
     assert load_images(out, index.head(5)).shape == (5, 16, 16, 1)
+
+
+def test_preprocess_small_and_empty_classes_skip(project: Path, tmp_path: Path) -> None:
+    source = make_image_folder(tmp_path / "images", {"big": 5, "tiny": 2})
+    (source / "empty").mkdir()
+    (source / "empty" / "junk.txt").write_text("x")
+    download(["dataset=folder", f"dataset.path={source}"])
+    metrics = preprocess([])
+    assert metrics["num_classes"] == 1
+    assert metrics["num_empty_classes"] == 1
+    assert metrics["num_small_classes"] == 1
+    skipped = pd.read_csv(project / "data/processed/skipped.csv")
+    tiny = skipped[skipped["file"].str.startswith("tiny/")]
+    assert len(tiny) == 2
+    assert tiny["reason"].str.contains("min_images_per_class=3").all()
+    classes = json.loads((project / "data/processed/classes.json").read_text())
+    assert classes == ["big"]
+
+
+def test_preprocess_small_class_fails_under_fail(project: Path, tmp_path: Path) -> None:
+    source = make_image_folder(tmp_path / "images", {"big": 5, "tiny": 2})
+    download(["dataset=folder", f"dataset.path={source}"])
+    with pytest.raises(InputError, match="tiny.*min_images_per_class"):
+        preprocess(["preprocess.on_error=fail"])
+    assert not (project / "data/processed").exists()

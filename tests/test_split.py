@@ -98,3 +98,13 @@ def test_split_stage_rejects_bad_fractions(project: Path) -> None:
 
     with pytest.raises(ConfigError, match="must sum to 1"):
         split(["split.train=0.8"])
+
+
+def test_split_reports_class_too_small(caplog) -> None:
+    from stages.splitting import missing_splits
+
+    index = make_index({"big": 100, "pair": 2})
+    assigned = assign_splits(index, FRACTIONS, seed=0)
+    missing = missing_splits(index, assigned, FRACTIONS)
+    assert missing == {"pair": ["val"]}
+    assert set(assigned[index["label"] == "pair"]) == {"train", "test"}
