@@ -28,16 +28,15 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def stages_run(result: subprocess.CompletedProcess) -> list[str]:
+def stages_run(result: subprocess.CompletedProcess | str) -> list[str]:
     """Names of the stages that DVC ran (not skipped or restored)."""
-    lines = (result.stdout + result.stderr).splitlines()
+    text = result if isinstance(result, str) else result.stdout + result.stderr
+    lines = text.splitlines()
     return [line.split("'")[1] for line in lines if line.startswith("Running stage")]
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A git clone-like copy of the project's tracked files."""
-    folder = tmp_path_factory.mktemp("pipeline") / "repo"
+def copy_tracked_files(folder: Path) -> Path:
+    """Copy the project's git-tracked (and new, unignored) files into a new git repo."""
     tracked = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -50,12 +49,14 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, folder / name)
     run(["git", "init", "-q"], folder)
-    run(["git", "add", "-A"], folder)
-    run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"],
-        folder,
-    )
+    commit_all(folder, "base")
     return folder
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git clone-like copy of the project's tracked files."""
+    return copy_tracked_files(tmp_path_factory.mktemp("pipeline") / "repo")
 
 
 def commit_all(repo: Path, message: str) -> None:
