@@ -8,7 +8,9 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("stage", ["download", "preprocess", "split", "config"])
+@pytest.mark.parametrize(
+    "stage", ["download", "preprocess", "split", "config", "predict", "compare"]
+)
 def test_stage_does_not_import_tensorflow(stage: str) -> None:
     code = (
         f"import sys, stages.{stage}; "
