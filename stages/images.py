@@ -35,7 +35,7 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """How every image is brought to one shape and colour mode."""
+    """Settings that bring every image to one shape and colour mode."""
 
     height: int
     width: int

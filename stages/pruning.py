@@ -3,7 +3,7 @@
 The sweeper starts each trial with SWEEP_OPTUNA_TRIAL set to
 "<journal file>|<study name>|<trial id>|<metric>". The training process then
 reports the metric after every epoch to that trial in the shared journal
-and stops training when the pruner says so.
+and stops training when the pruner decides to prune the trial.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Each image's split follows from a hash of its content and the seed alone, so
 adding images never moves an image that was already assigned, and exact
 duplicates always land in the same split. Within each class the split sizes
-follow the configured fractions up to sampling noise; a class that would get
+follow the configured fractions up to sampling noise. A class that would get
 no image in a split receives the image whose hash lies nearest to it.
 """
 
@@ -37,8 +37,8 @@ def _fill_empty_splits(
     duplicates move with it. Splits are filled in the order train, test, val.
     """
     # Filled in this order, so a class of two images gets train and test.
-    wanted = [s for s in ("train", "test", "val") if bounds[s][1] > bounds[s][0]]
-    for split in wanted:
+    to_fill = [s for s in ("train", "test", "val") if bounds[s][1] > bounds[s][0]]
+    for split in to_fill:
         current = assigned[rows]
         if (current == split).any():
             continue
@@ -98,10 +98,10 @@ def missing_splits(
     index: pd.DataFrame, assigned: pd.Series, fractions: dict[str, float]
 ) -> dict[str, list[str]]:
     """Name, per class, the splits with a non-zero fraction that got no image."""
-    wanted = [s for s in SPLITS if fractions[s] > 0]
+    nonempty = [s for s in SPLITS if fractions[s] > 0]
     present = assigned.groupby(index["label"]).agg(set)
     return {
-        label: [s for s in wanted if s not in splits]
+        label: [s for s in nonempty if s not in splits]
         for label, splits in present.items()
-        if any(s not in splits for s in wanted)
+        if any(s not in splits for s in nonempty)
     }

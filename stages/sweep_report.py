@@ -84,7 +84,7 @@ def open_parent_run(config: DictConfig) -> str:
 def trials_table(
     client, experiment_id: str, parent_id: str, metric: str
 ) -> pd.DataFrame:
-    """One row per child run: run id, status, metric and the params that vary."""
+    """Tabulate the child runs: run id, status, metric and the params that vary."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",

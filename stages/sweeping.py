@@ -3,9 +3,9 @@
 Every trial of `python -m stages.sweep --multirun ...` runs
 `dvc exp run --temp` with the trial's overrides, so it reuses the DVC-cached
 download, preprocess and split outputs, appears in `dvc exp show`, and runs
-train and evaluate exactly as `dvc repro` would. The stages find the sweep's
-parent MLflow run and the trial key in environment variables and tag their
-run with them; the sweep then reads each trial's metric from MLflow.
+train and evaluate exactly as `dvc repro` would. The stages read the sweep's
+parent MLflow run and the trial key from environment variables and tag their
+run with them, so the sweep can read each trial's metric from MLflow.
 """
 
 from __future__ import annotations
