@@ -122,6 +122,20 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
+def _request_reduced_decode(image: Image.Image, settings: DecodeSettings) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale when that still covers the target.
+
+    The decoder then skips most of the work for large photos; the final
+    resize to the target size follows as usual. The longer target side is
+    requested on both axes, so an EXIF rotation cannot make the result small.
+    """
+    if image.format != "JPEG":
+        return
+    side = max(settings.height, settings.width)
+    if min(image.size) >= 2 * side:
+        image.draft(image.mode, (side, side))
+
+
 def decode_image(path: Path, settings: DecodeSettings) -> DecodedImage:
     """Decode one file into an array of the configured shape and mode.
 
@@ -132,16 +146,19 @@ def decode_image(path: Path, settings: DecodeSettings) -> DecodedImage:
     data = path.read_bytes()
     sha256 = hashlib.sha256(data).hexdigest()
     image = _open_checked(data, settings.max_pixels)
+    original = (image.width, image.height, image.mode, image.format or "")
     try:
         image.seek(0)  # first frame of an animation
+        _request_reduced_decode(image, settings)
         image.load()
-        original = (image.width, image.height, image.mode, image.format or "")
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
         image = _flatten(image, settings.background)
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"corrupt or truncated image ({error})") from None
     target_mode = "L" if settings.color_mode == "grayscale" else "RGB"
-    pixels = np.asarray(_resize(image.convert(target_mode), settings), dtype=np.uint8)
+    if image.mode != target_mode:
+        image = image.convert(target_mode)
+    pixels = np.asarray(_resize(image, settings), dtype=np.uint8)
     if pixels.ndim == 2:
         pixels = pixels[:, :, np.newaxis]
     return DecodedImage(pixels, sha256, *original)

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from stages.config import CONF_DIR, ConfigError, compose_group
 
 
@@ -18,11 +20,24 @@ def _hydra_value(value: Any) -> str:
     return json.dumps(value)
 
 
+def load_option(root: Path, group: str, option: str) -> dict:
+    """Return one group option's values, composing only files that need it.
+
+    A plain option file is read as YAML, which is much faster than starting
+    Hydra's composition for every option.
+    """
+    path = root / CONF_DIR / group / f"{option}.yaml"
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if "defaults" in values or any("${" in str(v) for v in values.values()):
+        return compose_group(root, group, option)
+    return values
+
+
 def _closest_option(root: Path, section: str, values: dict) -> tuple[str, dict]:
     """Return the conf/<section>/ option that differs from `values` in fewest keys."""
     best: tuple[int, str, dict] | None = None
     for option in sorted(p.stem for p in (root / CONF_DIR / section).glob("*.yaml")):
-        composed = compose_group(root, section, option)
+        composed = load_option(root, section, option)
         keys = set(composed) | set(values)
         differing = sum(composed.get(k) != values.get(k) for k in keys)
         if best is None or differing < best[0]:
@@ -50,7 +65,7 @@ def describe_overrides(params: dict[str, Any], root: Path) -> list[str]:
             continue
         if (root / CONF_DIR / section).is_dir():
             option, closest = _closest_option(root, section, values)
-            if closest != compose_group(root, section, defaults_option(root, section)):
+            if closest != load_option(root, section, defaults_option(root, section)):
                 overrides.append(f"{section}={option}")
             base = closest
         for key, value in values.items():
@@ -61,8 +76,6 @@ def describe_overrides(params: dict[str, Any], root: Path) -> list[str]:
 
 def defaults_option(root: Path, group: str) -> str:
     """Return the option that conf/config.yaml's defaults list picks for `group`."""
-    import yaml
-
     config = yaml.safe_load((root / CONF_DIR / "config.yaml").read_text())
     for entry in config.get("defaults", []):
         if isinstance(entry, dict) and group in entry:

@@ -14,31 +14,46 @@ import pandas as pd
 SHARD_PATTERN = "images-{:05d}.npy"
 
 
+# Upper bound of one shard's size, so the writer's buffer stays small however
+# large preprocess.shard_size is set.
+MAX_SHARD_BYTES = 64 * 2**20
+
+
 class ShardWriter:
-    """Append images of one shape and write them in shards of `shard_size`."""
+    """Append images of one shape and write them in shards.
+
+    A shard holds at most `shard_size` images and MAX_SHARD_BYTES bytes. The
+    writer keeps one preallocated shard in memory, so its memory does not
+    grow with the number of images.
+    """
 
     def __init__(self, folder: Path, shard_size: int) -> None:
         self.folder = folder
         self.shard_size = shard_size
-        self.buffer: list[np.ndarray] = []
+        self.buffer: np.ndarray | None = None
+        self.count = 0
         self.num_shards = 0
 
     def add(self, pixels: np.ndarray) -> tuple[int, int]:
         """Queue one image and return its (shard, offset) address."""
-        address = (self.num_shards, len(self.buffer))
-        self.buffer.append(pixels)
-        if len(self.buffer) == self.shard_size:
+        if self.buffer is None:
+            per_image = max(1, pixels.nbytes)
+            capacity = max(1, min(self.shard_size, MAX_SHARD_BYTES // per_image))
+            self.buffer = np.empty((capacity, *pixels.shape), dtype=pixels.dtype)
+        address = (self.num_shards, self.count)
+        self.buffer[self.count] = pixels
+        self.count += 1
+        if self.count == len(self.buffer):
             self.flush()
         return address
 
     def flush(self) -> None:
         """Write the queued images as the next shard."""
-        if not self.buffer:
+        if self.buffer is None or self.count == 0:
             return
-        np.save(
-            self.folder / SHARD_PATTERN.format(self.num_shards), np.stack(self.buffer)
-        )
-        self.buffer = []
+        path = self.folder / SHARD_PATTERN.format(self.num_shards)
+        np.save(path, self.buffer[: self.count])
+        self.count = 0
         self.num_shards += 1
 
 

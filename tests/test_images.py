@@ -145,3 +145,17 @@ def test_decode_rejects_truncated_file(tmp_path: Path) -> None:
 )
 def test_is_ignored(name: str, ignored: bool) -> None:
     assert is_ignored(name) is ignored
+
+
+def test_decode_large_jpeg_reduced_decode_close(tmp_path: Path) -> None:
+    y, x = np.mgrid[0:300, 0:400]
+    photo = np.stack([x * 255 // 400, y * 255 // 300, (x + y) % 256], axis=-1)
+    path = save(Image.fromarray(photo.astype(np.uint8)), tmp_path / "p.jpg", quality=95)
+    settings = DecodeSettings(32, 32, "rgb", "stretch", (255, 255, 255), 10**6)
+    decoded = decode_image(path, settings)
+    with Image.open(path) as full:
+        expected = np.asarray(full.convert("RGB").resize((32, 32), Image.BILINEAR))
+    difference = np.abs(decoded.pixels.astype(int) - expected.astype(int))
+    assert decoded.pixels.shape == (32, 32, 3)
+    assert (decoded.original_width, decoded.original_height) == (400, 300)
+    assert difference.mean() < 8

@@ -101,3 +101,22 @@ def test_preprocess_small_class_fails_under_fail(project: Path, tmp_path: Path) 
     with pytest.raises(InputError, match="tiny.*min_images_per_class"):
         preprocess(["preprocess.on_error=fail"])
     assert not (project / "data/processed").exists()
+
+
+def test_shard_writer_caps_shard_bytes(tmp_path: Path, monkeypatch) -> None:
+    from stages import shards
+
+    monkeypatch.setattr(shards, "MAX_SHARD_BYTES", 3 * 8 * 8 * 3)
+    writer = shards.ShardWriter(tmp_path, shard_size=100)
+    addresses = [writer.add(np.full((8, 8, 3), i, np.uint8)) for i in range(7)]
+    writer.flush()
+    assert addresses[3] == (1, 0)
+    assert addresses[6] == (2, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "images-00000.npy",
+        "images-00001.npy",
+        "images-00002.npy",
+    ]
+    rows = pd.DataFrame(addresses, columns=["shard", "offset"])
+    images = load_images(tmp_path, rows)
+    assert [int(image[0, 0, 0]) for image in images] == list(range(7))

@@ -1,0 +1,1 @@
+"""Benchmark harness: the pipeline against TensorFlow's tutorial recipe."""
