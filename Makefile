@@ -12,8 +12,28 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
+# Tracking server (docs/team.md). It listens on 127.0.0.1 unless HOST says
+# otherwise, keeps runs in PostgreSQL (this user's role and database DB_NAME,
+# over the local socket) and serves artifacts from SERVER_DIR/artifacts.
+HOST ?= 127.0.0.1
+PORT ?= 5000
+WORKERS ?= 2
+DB_NAME ?= mlflow
+DB_USER ?= $(shell id -un)
+DB_SOCKET ?= /var/run/postgresql
+BACKEND_STORE_URI ?= postgresql://$(DB_USER)@/$(DB_NAME)?host=$(DB_SOCKET)
+SERVER_DIR ?= mlserver
+# Where the server keeps artifacts: a folder, or a URI such as s3://bucket/mlflow.
+ARTIFACTS_DESTINATION ?= $(SERVER_DIR)/artifacts
+# AUTH=basic: MLflow's basic-auth app (user names and passwords).
+AUTH ?= none
+# DB_ARGS=--createdb lets the role create databases (the tests need it).
+DB_ARGS ?=
+# More `mlflow server` options, e.g. SERVER_ARGS="--allowed-hosts mlflow.example.org".
+SERVER_ARGS ?=
+
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-fast params lint format ui lock clean
+.PHONY: help setup run test test-fast params lint format ui lock clean db server upload
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -50,8 +70,25 @@ format: setup ## Format the code with ruff
 ui: setup ## Open the MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
+db: setup ## Create the PostgreSQL role and database of the tracking server
+	python -m stages.server create-db --role '$(DB_USER)' --database '$(DB_NAME)' $(DB_ARGS)
+
+server: setup ## Run the MLflow tracking server (PostgreSQL, served artifacts) on HOST:PORT
+	python -m stages.server serve --host '$(HOST)' --port '$(PORT)' \
+		--workers '$(WORKERS)' --backend-store-uri '$(BACKEND_STORE_URI)' \
+		--server-dir '$(SERVER_DIR)' --artifacts-destination '$(ARTIFACTS_DESTINATION)' \
+		$(if $(filter basic,$(AUTH)),--basic-auth) \
+		$(SERVER_ARGS)
+
+upload: setup ## Copy runs logged locally while the server was unreachable to it
+	python -m stages.upload $(ARGS)
+
 lock: ## Rewrite requirements.lock from the current .venv
 	$(BIN)/python -m pip freeze --exclude-editable > requirements.lock
 
 clean: ## Remove pipeline outputs (not the MLflow store)
 	rm -rf data/raw data/processed data/split models/model.keras
+
+.PHONY: bench
+bench: setup ## Run the benchmarks into docs/benchmarks.md (ARGS=--quick: short check)
+	python -m bench.run $(ARGS)

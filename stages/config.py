@@ -83,7 +83,6 @@ class SplitConfig:
     seed: int = 42
 
 
-BACKBONES = ("mobilenet_v2", "efficientnet_b0", "resnet50")
 # Width multipliers for which Keras publishes ImageNet weights of MobileNetV2.
 MOBILENET_V2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MIN_BACKBONE_SIZE = 32  # Keras Applications reject smaller inputs
@@ -129,7 +128,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Random changes to training images; 0 (or flip: none) turns each one off.
+    """Random changes to training images. A factor of 0 (or flip: none) turns one off.
 
     Factors are fractions: rotation of a full turn, zoom and translation of
     the image size, contrast and brightness of the pixel range.
@@ -146,7 +145,11 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class EarlyStoppingConfig:
-    """Stop a phase once `monitor` stops improving; the best weights are kept."""
+    """Early stopping of each phase, which then keeps its best weights.
+
+    A phase ends once `monitor` has not improved by `min_delta` for
+    `patience` epochs.
+    """
 
     enabled: bool = False
     monitor: Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"] = (
@@ -205,12 +208,18 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    """Where runs go. A server URI is checked within `connect_timeout` seconds.
+    With `offline_fallback`, an unreachable server makes the stage log to the
+    local store, and `python -m stages.upload` copies the runs later."""
+
     uri: str | None = None
     experiment_name: str = "image-classification"
     run_name: str | None = None
     log_model: bool = True
     register_model: str | None = None
     system_metrics: bool = False
+    offline_fallback: bool = False
+    connect_timeout: float = field(default=3.0, **_bounds(above=0))
 
 
 SECTIONS: dict[str, type] = {
@@ -241,7 +250,7 @@ class Params:
 
 
 def find_root(start: Path | None = None) -> Path:
-    """Return the project root: the nearest folder upwards that holds conf/."""
+    """Return the project root: the nearest folder upwards that contains conf/."""
     start = (start or Path.cwd()).resolve()
     for folder in (start, *start.parents):
         if (folder / CONF_DIR / f"{CONFIG_NAME}.yaml").is_file():
@@ -546,7 +555,25 @@ def _validate_relations(params: dict[str, Any], sections: list[str]) -> list[str
     train = params.get("train")
     if "train" in sections and isinstance(train, dict):
         problems += _validate_train(train)
+    tracking = params.get("tracking")
+    if "tracking" in sections and isinstance(tracking, dict):
+        problems += _validate_tracking(tracking)
     return problems
+
+
+def _validate_tracking(tracking: dict[str, Any]) -> list[str]:
+    """Reject a password in tracking.uri: params.yaml is committed to git."""
+    uri = tracking.get("uri")
+    if not isinstance(uri, str) or "://" not in uri:
+        return []
+    userinfo, at, _ = uri.split("://", 1)[1].partition("/")[0].rpartition("@")
+    if not at or ":" not in userinfo:
+        return []
+    return [
+        "tracking.uri: contains a password, which params.yaml would keep in git; "
+        "remove it from the URI and set MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD in the environment instead"
+    ]
 
 
 def validate(params: dict[str, Any], sections: list[str], source: str) -> Params:

@@ -1,10 +1,19 @@
-"""Which device trains: a GPU when TensorFlow sees one, else the CPU."""
+"""The devices visible to TensorFlow: GPU names and compute capabilities."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """A visible GPU. compute_capability is None when the driver reports none."""
+
+    name: str
+    compute_capability: tuple[int, int] | None = None
 
 
 def describe_devices(gpu_names: list[str]) -> str:
@@ -17,6 +26,11 @@ def describe_devices(gpu_names: list[str]) -> str:
 
 
 def visible_gpus() -> list[str]:
+    """List the names of the GPUs TensorFlow can use (see `list_gpus`)."""
+    return [gpu.name for gpu in list_gpus()]
+
+
+def list_gpus() -> list[GpuInfo]:
     """List the GPUs TensorFlow can use, enabling memory growth on each.
 
     Memory growth keeps TensorFlow from reserving all GPU memory at start, so
@@ -24,10 +38,13 @@ def visible_gpus() -> list[str]:
     """
     import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
+    gpus = []
+    for gpu in tf.config.list_physical_devices("GPU"):
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError as error:  # raised once the GPU is initialised
             log.debug("Memory growth unchanged on %s: %s", gpu.name, error)
-    return [gpu.name for gpu in gpus]
+        details = tf.config.experimental.get_device_details(gpu)
+        capability = details.get("compute_capability")
+        gpus.append(GpuInfo(gpu.name, tuple(capability) if capability else None))
+    return gpus

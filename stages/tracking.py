@@ -4,6 +4,11 @@ By default every run lands in mlflow.db and mlartifacts/ at the project root.
 DVC runs queued and --temp experiments in a copy under .dvc/tmp/exps/ and sets
 DVC_ROOT to the original project there, so the default store is the same for
 `dvc repro` and every kind of `dvc exp run`.
+
+With a tracking server (an http or https URI), `use_experiment` checks that
+the server responds before any heavy work, and routes the run through
+stages.offline, which moves it to the default store if the server goes away.
+Secrets in URIs, params, tags and log lines are masked (stages.redaction).
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from stages.config import TrackingConfig, find_root
+from stages.redaction import (
+    install_log_redaction,
+    mask_uri,
+    redact,
+    redact_config,
+    redact_flat,
+    redact_value,
+    strip_credentials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +51,17 @@ def project_root() -> Path:
     return find_root()
 
 
+# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI for subprocesses.
+# A value exported that way by `use_experiment` is not the user's choice, so
+# it must not override tracking.uri the next time a stage runs in this process.
+_exported_uri: str | None = None
+
+
 def tracking_uri(cfg: TrackingConfig) -> str:
     """Return MLFLOW_TRACKING_URI, else tracking.uri, else the default store."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
+    if exported and exported != _exported_uri:
+        return exported
     if cfg.uri:
         return cfg.uri
     return f"sqlite:///{project_root() / DB_NAME}"
@@ -57,13 +78,81 @@ def default_artifact_location(uri: str) -> str | None:
     return None
 
 
+def is_remote(uri: str) -> bool:
+    """Tell whether `uri` names a tracking server rather than a local store."""
+    return uri.lower().startswith(("http://", "https://"))
+
+
+def server_problem(uri: str, timeout: float) -> str | None:
+    """Return why the tracking server at `uri` is unreachable, or None.
+
+    Any HTTP response from `<uri>/health`, even an error status, means that
+    the server is up. Only a failed connection or a timeout is a problem.
+    """
+    import urllib.error
+    import urllib.request
+
+    url = strip_credentials(uri).rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as error:
+        return str(error.reason)
+    except OSError as error:  # a timeout while reading the response
+        return str(error) or type(error).__name__
+
+
+def connect(uri: str, cfg: TrackingConfig) -> str:
+    """Check the tracking server before any heavy work; return the store in use.
+
+    Raises:
+        TrackingUnavailableError: the server does not answer within
+            tracking.connect_timeout seconds and tracking.offline_fallback
+            is false.
+    """
+    from stages import offline
+
+    failover = offline.activate(uri, cfg.experiment_name, cfg.offline_fallback)
+    problem = server_problem(uri, cfg.connect_timeout)
+    if problem is None:
+        failover.offline_reason = None
+        return uri
+    if not cfg.offline_fallback:
+        raise offline.unavailable_error(uri, problem)
+    local = offline.local_store_uri()
+    log.warning(
+        "MLflow tracking server %s is not reachable (%s). tracking.offline_fallback "
+        "is true, so this stage logs to the local store %s; its runs get the tag "
+        "%s=true. Copy them to the server with %s once it is back.",
+        mask_uri(uri),
+        redact(problem),
+        local,
+        offline.TAG_FALLBACK,
+        offline.UPLOAD_HINT,
+    )
+    failover.go_offline(problem)
+    return f"{local} (offline fallback for {uri})"
+
+
 def use_experiment(cfg: TrackingConfig) -> str:
-    """Point MLflow at the configured store and experiment; return the experiment id."""
+    """Point MLflow at the configured store and experiment; return the experiment id.
+
+    A tracking server that does not answer stops the stage here, within
+    tracking.connect_timeout seconds, unless tracking.offline_fallback is set.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    global _exported_uri
+    install_log_redaction()
     uri = tracking_uri(cfg)
+    store = connect(uri, cfg) if is_remote(uri) else uri
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        _exported_uri = uri
     experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
     if experiment is None:
         try:
@@ -79,7 +168,7 @@ def use_experiment(cfg: TrackingConfig) -> str:
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
-    log.info("MLflow store %s, experiment '%s'", uri, cfg.experiment_name)
+    log.info("MLflow store %s, experiment '%s'", redact(store), cfg.experiment_name)
     return experiment_id
 
 
@@ -146,6 +235,20 @@ def git_tags(root: Path) -> dict[str, str]:
     return {"git_commit": commit, "git_dirty": str(dirty).lower()}
 
 
+def sweep_tags() -> dict[str, str]:
+    """Return the parent run and trial key that a sweep passes to its trials."""
+    from stages import sweeping
+
+    tags = {}
+    if os.environ.get(sweeping.PARENT_ENV):
+        tags["mlflow.parentRunId"] = os.environ[sweeping.PARENT_ENV]
+    if os.environ.get(sweeping.TRIAL_KEY_ENV):
+        tags[sweeping.TRIAL_TAG] = os.environ[sweeping.TRIAL_KEY_ENV]
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        tags["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    return tags
+
+
 def dvc_tags() -> dict[str, str]:
     """Return the DVC experiment name and baseline revision when DVC runs the stage."""
     names = {
@@ -162,16 +265,25 @@ def _log_config(params: Mapping[str, Any]) -> None:
 
     from stages.provenance import describe_overrides
 
-    mlflow.log_dict(dict(params), "config/params.yaml")
+    mlflow.log_dict(redact_config(dict(params)), "config/params.yaml")
     try:
         overrides = describe_overrides(dict(params), project_root())
     except Exception as error:  # the config is logged; the overrides are a bonus
         log.warning("Could not derive the overrides from conf/: %s", error)
         return
+    overrides = [redact_override(item) for item in overrides]
     mlflow.log_text(
         yaml.safe_dump(overrides, allow_unicode=True), "config/overrides.yaml"
     )
     mlflow.set_tag("overrides", " ".join(overrides)[:5000] or "(defaults)")
+
+
+def redact_override(override: str) -> str:
+    """Mask the value of a `key=value` override when it is secret."""
+    key, equals, value = override.partition("=")
+    if not equals:
+        return redact(override)
+    return f"{key}={redact_value(key.lstrip('+~'), value)}"
 
 
 def _log_data(split_dir: Path, processed_dir: Path, dataset: str) -> None:
@@ -187,6 +299,9 @@ def _log_data(split_dir: Path, processed_dir: Path, dataset: str) -> None:
         if not manifest.is_file():
             continue
         table = pd.read_csv(manifest, dtype={"label": str}, keep_default_na=False)
+        tags[f"data_sha256.{split}"] = hash_files([manifest])
+        if table.empty:  # mlflow.data cannot describe an empty table
+            continue
         data = mlflow.data.from_pandas(
             table,
             source=str(manifest.resolve()),
@@ -194,7 +309,6 @@ def _log_data(split_dir: Path, processed_dir: Path, dataset: str) -> None:
             targets="label",
         )
         mlflow.log_input(data, context=split)
-        tags[f"data_sha256.{split}"] = hash_files([manifest])
     if processed_dir.is_dir():
         tags["data_sha256.processed"] = hash_folder(processed_dir)
     mlflow.set_tags(tags)
@@ -212,42 +326,74 @@ def start_training_run(
     The run gets every parameter, the config as YAML with its overrides, the
     split manifests as inputs, content hashes of the data, `tags`, the
     dataset name, the git commit and, under `dvc exp run`, the DVC
-    experiment name and baseline revision.
+    experiment name and baseline revision. Secret values are masked.
     """
     import mlflow
 
     use_experiment(cfg)
     run = mlflow.start_run(
-        run_name=cfg.run_name, log_system_metrics=cfg.system_metrics or None
+        run_name=redact(cfg.run_name) if cfg.run_name else None,
+        log_system_metrics=cfg.system_metrics or None,
     )
-    mlflow.log_params(shorten_values(flatten(params)))
+    mlflow.log_params(shorten_values(redact_flat(flatten(params))))
     dataset = str((params.get("dataset") or {}).get("name", ""))
     mlflow.set_tags(
-        {
-            "dataset": dataset,
-            **tags,
-            **git_tags(project_root()),
-            **dvc_tags(),
-        }
+        redact_flat(
+            {
+                "dataset": dataset,
+                **tags,
+                **git_tags(project_root()),
+                **dvc_tags(),
+                **sweep_tags(),
+            }
+        )
     )
     _log_config(params)
     _log_data(split_dir, processed_dir, dataset)
     return run
 
 
+def model_requirements() -> list[str]:
+    """Pin the packages a served model needs to the versions installed here.
+
+    Given explicitly, because MLflow's own inference of the requirements
+    loads the model again in a subprocess and takes about 18 s per run.
+    """
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("tensorflow", "keras", "numpy")]
+
+
 def log_keras_model(model, example, registered_name: str | None = None) -> None:
     """Log a Keras model with its signature, and an input example next to it.
 
-    With `registered_name`, the model is also registered in the Model Registry.
+    With `registered_name`, the model is also registered in the Model Registry;
+    for a run kept in the local store (stages.offline), at its upload.
     """
     import mlflow
     from mlflow.models import infer_signature
 
+    from stages import offline
+
+    run = mlflow.active_run()
+    if registered_name and run and offline.run_is_local(run.info.run_id):
+        log.warning(
+            "The MLflow tracking server is unreachable, so the model is registered "
+            "as '%s' only when %s copies the run there",
+            registered_name,
+            offline.UPLOAD_HINT,
+        )
+        mlflow.set_tag(offline.TAG_REGISTER_MODEL, registered_name)
+        registered_name = None
     signature = infer_signature(example, model.predict(example, verbose=0))
     # NOTE: mlflow 3.17.2's Keras flavour writes input_example.json before it
     # creates the model folder and fails, so the example is a run artifact.
     mlflow.keras.log_model(
-        model, name="model", signature=signature, registered_model_name=registered_name
+        model,
+        name="model",
+        signature=signature,
+        registered_model_name=registered_name,
+        pip_requirements=model_requirements(),
     )
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder, "input_example.json")
@@ -270,7 +416,7 @@ def run_status(run_id: str) -> Iterator[None]:
         mlflow.end_run("KILLED")
         raise
     except BaseException as error:
-        message = f"{type(error).__name__}: {error}"
+        message = redact(f"{type(error).__name__}: {error}")
         mlflow.set_tag("error", message[:5000])
         mlflow.end_run("FAILED")
         log.error("MLflow run %s marked FAILED: %s", run_id, message)

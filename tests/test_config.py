@@ -45,7 +45,7 @@ def test_params_file_is_valid(params: dict) -> None:
         ("train", "epochs", "ten", "expected an integer"),
         ("train", "epochs", True, "expected an integer"),
         ("train", "learning_rate", -0.01, "must be greater than 0"),
-        ("train", "optimizer", "adamw", "one of 'adam', 'sgd'"),
+        ("train", "optimizer", "rmsprop", "one of 'adam', 'sgd', 'adamw'"),
         ("model", "dropout", 1.0, "must be less than 1"),
         ("model", "filters", [32, "x"], "a list of an integer"),
         ("preprocess", "image_size", [16], "expected [height, width]"),

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
 
+import keras
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 
+from stages.config import SECTIONS, ConfigError, read_params_file, validate
+from stages.schedules import WarmupStepDecay, build_schedule, learning_rate_at
 from stages.train import train
-from tests.conftest import client_for
+from tests.conftest import ROOT, client_for
 
 
 def test_train_returns_metrics_and_run(trained) -> None:
@@ -39,6 +44,9 @@ def test_train_logs_params_and_tags(trained) -> None:
     assert run.data.tags["dataset"] == "digits"
     assert run.data.tags["num_classes"] == "10"
     assert run.data.tags["device"] == "CPU"
+    assert run.data.tags["precision"] == "float32"
+    assert run.data.tags["strategy"] == "default"
+    assert run.data.tags["num_replicas"] == "1"
 
 
 def test_train_logs_epoch_metrics(trained) -> None:
@@ -73,3 +81,187 @@ def test_train_invalid_config_fails_before_loading(project: Path) -> None:
 
     with pytest.raises(ConfigError, match="train.learning_rate"):
         train(["train.learning_rate=-1"])
+
+
+def subset(project: Path, target: Path, train_rows: int, val_rows: int) -> dict:
+    """Write manifests with the first rows of train and val; return train() paths."""
+    split_dir = target / "split"
+    split_dir.mkdir(parents=True)
+    for name, count in (("train", train_rows), ("val", val_rows)):
+        lines = (project / "data/split" / f"{name}.csv").read_text().splitlines()
+        (split_dir / f"{name}.csv").write_text("\n".join(lines[: count + 1]) + "\n")
+    outputs = {
+        "model": target / "model.keras",
+        "metrics": target / "train.json",
+        "history": target / "history.csv",
+        "checkpoints": target / "checkpoints",
+    }
+    return {
+        "processed_dir": project / "data/processed",
+        "split_dir": split_dir,
+        "outputs": outputs,
+    }
+
+
+QUICK = ["model=cnn_small", "train.batch_size=32", "tracking.log_model=false"]
+
+
+def test_train_deterministic_runs_match(
+    digits_project: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(digits_project)
+    overrides = [*QUICK, "train.epochs=2", "train.deterministic=true", "augment=basic"]
+    first = train(overrides, **subset(digits_project, tmp_path / "a", 256, 64))
+    second = train(overrides, **subset(digits_project, tmp_path / "b", 256, 64))
+    assert first["mlflow_run_id"] != second["mlflow_run_id"]
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert first[key] == second[key], key
+    histories = [pd.read_csv(tmp_path / name / "history.csv") for name in "ab"]
+    pd.testing.assert_frame_equal(*histories)
+
+
+def test_train_schedule_and_loss_options(
+    digits_project: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(digits_project)
+    paths = subset(digits_project, tmp_path, 256, 64)
+    metrics = train(
+        [
+            *QUICK,
+            "train.epochs=3",
+            "train.optimizer=sgd",
+            "train.nesterov=true",
+            "train.learning_rate=0.05",
+            "train.lr_schedule=step",
+            "train.warmup_epochs=1",
+            "train.decay_epochs=1",
+            "train.decay_rate=0.5",
+            "train.label_smoothing=0.1",
+            "train.class_weight=balanced",
+            "train.clipnorm=1.0",
+        ],
+        **paths,
+    )
+    steps = math.ceil(256 / 32)
+    # Each epoch logs the rate of its last step: warm-up, then halving.
+    expected = [0.05 * (steps - 1) / steps, 0.05, 0.025]
+    history = pd.read_csv(paths["outputs"]["history"])
+    assert history["learning_rate"].tolist() == pytest.approx(expected)
+    logged = client_for(digits_project).get_metric_history(
+        metrics["mlflow_run_id"], "learning_rate"
+    )
+    assert [m.value for m in logged] == pytest.approx(expected)
+    assert metrics["epochs"] == 3
+    assert np.isfinite(metrics["train_loss"])
+
+
+def test_train_early_stopping_keeps_best_epoch(
+    digits_project: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(digits_project)
+    paths = subset(digits_project, tmp_path, 256, 64)
+    # With min_delta 10 no epoch after the first counts as an improvement.
+    metrics = train(
+        [
+            *QUICK,
+            "train.epochs=5",
+            "train.optimizer=adamw",
+            "train.jit_compile=true",
+            "train.early_stopping.enabled=true",
+            "train.early_stopping.monitor=val_loss",
+            "train.early_stopping.patience=1",
+            "train.early_stopping.min_delta=10",
+        ],
+        **paths,
+    )
+    history = pd.read_csv(paths["outputs"]["history"])
+    assert history["epoch"].tolist() == [1, 2]
+    assert metrics["epochs"] == 2
+    assert metrics["best_epoch"] == 1
+    assert metrics["val_loss"] == pytest.approx(history["val_loss"][0])
+
+
+def test_train_fine_tunes_backbone_in_two_phases(
+    digits_project: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(digits_project)
+    backbone = keras.applications.MobileNetV2(
+        include_top=False, weights=None, input_shape=(32, 32, 3), alpha=0.35
+    )
+    weights = tmp_path / "mobilenet_v2.weights.h5"
+    backbone.save_weights(weights)
+    paths = subset(digits_project, tmp_path, 128, 16)
+    metrics = train(
+        [
+            "model=mobilenet_v2",
+            "model.alpha=0.35",
+            "model.input_size=[32,32]",
+            f"model.weights={weights}",
+            "model.fine_tune.layers=10",
+            "model.fine_tune.epochs=1",
+            "model.fine_tune.learning_rate=0.0001",
+            "train.epochs=1",
+            "train.batch_size=64",
+            "tracking.log_model=false",
+        ],
+        **paths,
+    )
+    history = pd.read_csv(paths["outputs"]["history"])
+    assert history["epoch"].tolist() == [1, 2]
+    assert history["learning_rate"].tolist() == pytest.approx([0.001, 0.0001])
+    steps = client_for(digits_project).get_metric_history(
+        metrics["mlflow_run_id"], "train_loss"
+    )
+    assert [m.step for m in steps] == [1, 2]
+    saved = keras.models.load_model(paths["outputs"]["model"])
+    assert saved.predict(np.zeros((1, 16, 16, 1), "uint8"), verbose=0).shape == (1, 10)
+
+
+def test_train_schedules_rates() -> None:
+    step = WarmupStepDecay(0.1, warmup_steps=4, decay_steps=10, decay_rate=0.5)
+    rates = [learning_rate_at(step, s) for s in (0, 2, 4, 13, 14, 24)]
+    assert rates == pytest.approx([0.0, 0.05, 0.1, 0.1, 0.05, 0.025])
+    assert WarmupStepDecay(**step.get_config()).get_config() == step.get_config()
+
+    params = read_params_file(ROOT / "params.yaml")
+    params["train"].update(lr_schedule="cosine", warmup_epochs=1, epochs=3)
+    cfg = validate(params, ["train"], "params.yaml").train
+    cosine = build_schedule(cfg, steps_per_epoch=10)
+    assert learning_rate_at(cosine, 0) == pytest.approx(0.0)
+    assert learning_rate_at(cosine, 10) == pytest.approx(cfg.learning_rate)
+    assert learning_rate_at(cosine, 20) == pytest.approx(cfg.learning_rate / 2)
+    assert learning_rate_at(cosine, 30) == pytest.approx(0.0, abs=1e-9)
+    params["train"].update(lr_schedule="constant", warmup_epochs=0)
+    constant = validate(params, ["train"], "params.yaml").train
+    assert build_schedule(constant, steps_per_epoch=10) == constant.learning_rate
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "expected"),
+    [
+        ("train", {"warmup_epochs": 30}, "must be less than train.epochs (30)"),
+        ("train", {"optimizer": "rmsprop"}, "one of 'adam', 'sgd', 'adamw'"),
+        ("train", {"lr_schedule": "linear"}, "one of 'constant', 'step', 'cosine'"),
+        ("train", {"clipnorm": 0}, "train.clipnorm: invalid value 0"),
+        ("train", {"precision": "float16"}, "train.precision: invalid value"),
+        ("train", {"strategy": "tpu"}, "train.strategy: invalid value"),
+        (
+            "train",
+            {"early_stopping": {"monitor": "val_auc"}},
+            "train.early_stopping.monitor: invalid value 'val_auc'",
+        ),
+        (
+            "train",
+            {"early_stopping": {"patience": 0}},
+            "train.early_stopping.patience: invalid value 0",
+        ),
+        ("augment", {"rotation": 0.7}, "augment.rotation: invalid value 0.7"),
+        ("augment", {"flip": "diagonal"}, "augment.flip: invalid value"),
+    ],
+)
+def test_train_config_rejects(section: str, values: dict, expected: str) -> None:
+    params = copy.deepcopy(read_params_file(ROOT / "params.yaml"))
+    params[section].update(values)
+    with pytest.raises(ConfigError) as error:
+        validate(params, list(SECTIONS), "params.yaml")
+    assert expected in str(error.value)
