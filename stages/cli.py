@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from stages.config import ConfigError
+from stages.fsutil import DiskFullError
 
 log = logging.getLogger(__name__)
 
@@ -54,3 +55,6 @@ def run_stage(task: Callable[[list[str]], object], description: str) -> None:
     except (ConfigError, InputError) as error:
         log.error("%s", error)
         sys.exit(2)
+    except DiskFullError as error:
+        log.error("%s", error)
+        sys.exit(1)

@@ -263,7 +263,7 @@ class FailoverStore(RestStore):
                 raise
             if method in READ_METHODS and run_id not in failover.journal:
                 raise failover.no_copy_error(run_id, error) from error
-            copy = failover.switch(run_id, error)
+            copy = failover.switch(run_id, error, server_run_id)
             return self._local_run_call(failover, copy, method, kwargs)
         journal = failover.journal.setdefault(run_id, RunJournal())
         record(journal, method, kwargs, result)

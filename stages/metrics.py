@@ -265,7 +265,7 @@ def plot_misclassified(
         title = f"true {true_name}\npred {predicted_name} ({confidence:.2f})"
         ax.set_title(title, fontsize=8)
     fig.suptitle("Misclassified test images, most confident first")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     _save(fig, target)
     return len(wrong)
 
@@ -282,6 +282,9 @@ def plot_history(history: pd.DataFrame, target: Path) -> None:
                 ax.plot(history["epoch"], history[name], marker=".", label=name)
         ax.set_title(metric.replace("_", " "))
         ax.set_xlabel("epoch")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.legend()
     fig.tight_layout()
     _save(fig, target)

@@ -4,15 +4,15 @@ With an http(s) tracking URI, the stages reach MLflow through FailoverStore
 (a RestStore) and FailoverArtifactRepository (the `mlflow-artifacts` scheme
 of served artifacts). While the server responds, both pass every call on.
 When a call fails because the server cannot be reached, the run moves to a
-local copy in the project's default store (mlflow.db and mlartifacts/): the
-parameters, tags, metrics and inputs logged so far by this process are copied
-there, the failed call is repeated locally, and every later call for the run
-goes there too, also from later stages. The stages keep using the server's
-run id, and the local copy answers under it.
+local copy in the project's default store (mlflow.db and mlartifacts/).
+The parameters, tags, metrics and inputs that this process logged so far are
+copied there, and the failed call is repeated locally. Every later call for
+the run goes there too, also from later stages, which keep using the
+server's run id.
 
 With tracking.offline_fallback, a server that is unreachable when a stage
-starts puts the stage in offline mode: its experiments and new runs live in
-the local store from the start.
+starts puts the stage in offline mode, so its experiments and new runs live
+in the local store from the start.
 
 Local copies carry `offline.*` tags: the server and server run they belong
 to, why they were made, and whether they are `pending` or `uploaded`.
@@ -34,6 +34,7 @@ from stages.redaction import mask_uri, redact, strip_credentials
 log = logging.getLogger(__name__)
 
 TAG_STATE = "offline.state"
+TAG_RUN = "offline.run_id"  # the run id that the stages use for the copy
 TAG_SERVER = "offline.server"
 TAG_SERVER_RUN = "offline.server_run_id"
 TAG_SERVER_EXPERIMENT = "offline.server_experiment_id"
@@ -44,8 +45,8 @@ TAG_REGISTER_MODEL = "offline.register_model"
 PENDING, UPLOADED = "pending", "uploaded"
 
 # Defaults for a remote store, so an unreachable server is noticed after
-# about 5 s (2 retries, waits of 1 s and 2 s) instead of MLflow's default of
-# 7 retries over several minutes. Values already set in the environment win.
+# about 5 s (2 retries, waits of 1 s and 2 s) instead of after mlflow 3.17's
+# default of 7 retries, about 4 minutes. Values set in the environment win.
 FAST_FAILURE_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -254,8 +255,14 @@ class Failover:
             self.copies[copy.caller_id] = copy
         return copy
 
-    def switch(self, run_id: str, error: BaseException) -> LocalCopy:
-        """Move run `run_id` to a local copy after the server became unreachable."""
+    def switch(
+        self, run_id: str, error: BaseException, server_run_id: str | None = None
+    ) -> LocalCopy:
+        """Move run `run_id` to a local copy after the server became unreachable.
+
+        `server_run_id` is the run's id on the server when it differs from
+        `run_id`, as for an uploaded run that started in offline mode.
+        """
         from mlflow.entities import Param, RunTag
 
         with self.lock:
@@ -266,8 +273,10 @@ class Failover:
             info = journal.info
             server_experiment = info.experiment_id if info else None
             store = local_store()
+            server_run_id = server_run_id or run_id
             tags = {**journal.tags, **self.offline_tags(str(error), fallback=False)}
-            tags[TAG_SERVER_RUN] = run_id
+            tags[TAG_RUN] = run_id
+            tags[TAG_SERVER_RUN] = server_run_id
             if server_experiment:
                 tags[TAG_SERVER_EXPERIMENT] = server_experiment
             run = store.create_run(
@@ -286,7 +295,9 @@ class Failover:
             )
             if journal.datasets:
                 store.log_inputs(local_id, datasets=journal.datasets)
-            copy = LocalCopy(run_id, local_id, run_id, server_experiment, PENDING)
+            copy = LocalCopy(
+                run_id, local_id, server_run_id, server_experiment, PENDING
+            )
             self.copies[run_id] = copy
             drop_cached_artifact_repo(run_id)
         log.warning(
@@ -347,8 +358,9 @@ def copy_from_tags(local_id: str, tags: dict[str, str]) -> LocalCopy:
     """Rebuild a LocalCopy from the `offline.*` tags of a local run."""
     server_run = tags.get(TAG_SERVER_RUN)
     fallback = tags.get(TAG_FALLBACK) == "true"
+    caller = local_id if fallback or not server_run else server_run
     return LocalCopy(
-        caller_id=local_id if fallback or not server_run else server_run,
+        caller_id=tags.get(TAG_RUN, caller),
         local_id=local_id,
         server_run_id=server_run,
         server_experiment_id=tags.get(TAG_SERVER_EXPERIMENT),

@@ -106,7 +106,11 @@ def run_trial(cfg: DictConfig) -> dict[str, Any]:
     return asdict(sweeping.TrialResult(status, value, run.info.run_id, name))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="multirun")
+# An absolute path, so the `image-sweep` console script finds conf/ as well.
+CONF_PATH = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="multirun")
 def main(cfg: DictConfig) -> dict[str, Any]:
     """Entry point of each Hydra job."""
     return run_trial(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def open_parent_run(config: DictConfig) -> str:
             log.info("Resuming sweep parent run %s", run_id)
             return run_id
     tags = {"sweep": "true", STUDY_TAG: study_key or ""}
-    name = f"sweep-{config.sweep.name}"
+    name = f"{config.sweep.name}-{secrets.token_hex(3)}"
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     for key, value in search_space_params(config).items():
         client.log_param(run.info.run_id, key, value[:6000])

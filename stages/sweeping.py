@@ -24,8 +24,9 @@ from stages.pruning import OPTUNA_TRIAL_ENV
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "SWEEP_PARENT_RUN_ID"
-TRIAL_KEY_ENV = "SWEEP_TRIAL_KEY"
-TRIAL_TAG = "sweep_trial_key"
+TRIAL_KEY_ENV = "SWEEP_TRIAL_ID"
+# Not named "...key": secret masking hides the values of tags named like keys.
+TRIAL_TAG = "sweep_trial_id"
 PRUNED_TAG = "pruned"
 # Overrides that steer the sweep itself and are not passed on to the stages.
 SWEEP_ONLY_PREFIXES = ("sweep.", "+sweep", "sweep=", "hydra.", "hydra/")

@@ -108,7 +108,7 @@ def connect(uri: str, cfg: TrackingConfig) -> str:
     """Check the tracking server before any heavy work; return the store in use.
 
     Raises:
-        TrackingUnavailableError: the server does not answer within
+        TrackingUnavailableError: the server does not respond within
             tracking.connect_timeout seconds and tracking.offline_fallback
             is false.
     """
@@ -139,7 +139,7 @@ def connect(uri: str, cfg: TrackingConfig) -> str:
 def use_experiment(cfg: TrackingConfig) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id.
 
-    A tracking server that does not answer stops the stage here, within
+    A tracking server that does not respond stops the stage here, within
     tracking.connect_timeout seconds, unless tracking.offline_fallback is set.
     """
     import mlflow
@@ -314,6 +314,18 @@ def _log_data(split_dir: Path, processed_dir: Path, dataset: str) -> None:
     mlflow.set_tags(tags)
 
 
+def default_run_name(params: Mapping[str, Any]) -> str:
+    """Name a run after its model, with a random suffix.
+
+    MLflow's own names come from Python's `random`, which training seeds, so
+    every run with the same seed would get the same name.
+    """
+    import secrets
+
+    model = str((params.get("model") or {}).get("name", "run"))
+    return f"{model}-{secrets.token_hex(3)}"
+
+
 def start_training_run(
     params: Mapping[str, Any],
     cfg: TrackingConfig,
@@ -332,7 +344,7 @@ def start_training_run(
 
     use_experiment(cfg)
     run = mlflow.start_run(
-        run_name=redact(cfg.run_name) if cfg.run_name else None,
+        run_name=redact(cfg.run_name) if cfg.run_name else default_run_name(params),
         log_system_metrics=cfg.system_metrics or None,
     )
     mlflow.log_params(shorten_values(redact_flat(flatten(params))))
