@@ -33,7 +33,7 @@ DB_ARGS ?=
 SERVER_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-fast params lint format ui lock clean db server upload
+.PHONY: help setup run test test-all params lint format ui lock clean db server upload
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -50,11 +50,11 @@ setup: $(VENV)/.installed ## Create .venv with the pinned dependencies
 run: setup ## Run the whole pipeline (dvc repro) on the configured dataset
 	dvc repro
 
-test: setup ## Run the whole test suite (about 10 minutes on 2 cores)
-	python -m pytest
-
-test-fast: setup ## Run the tests not marked slow
+test: setup ## Run the test suite, without the tests marked slow
 	python -m pytest -m "not slow"
+
+test-all: setup ## Run every test, the slow ones included
+	python -m pytest
 
 params: setup ## Regenerate params.yaml from conf/ (pass overrides as ARGS="k=v ...")
 	python -m stages.config $(ARGS)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -302,8 +303,10 @@ def _check_type(value: Any, annotation: Any) -> bool:
 def _check_bounds(value: Any, limits: dict[str, float]) -> str | None:
     values = value if isinstance(value, list) else [value]
     for item in values:
-        if item is None:
+        if item is None or not isinstance(item, (int, float)):
             continue
+        if not math.isfinite(item):
+            return "must be a finite number"
         if "min" in limits and item < limits["min"]:
             return f"must be at least {limits['min']}"
         if "above" in limits and item <= limits["above"]:
@@ -696,6 +699,9 @@ def load_params(
     params = read_params_file(path)
     params = apply_overrides(params, list(overrides or []), root)
     source = str(path) + (f" with overrides {overrides}" if overrides else "")
+    from stages.redaction import redact
+
+    source = redact(source)
     return validate(params, sections, source)
 
 

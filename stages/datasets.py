@@ -117,9 +117,38 @@ def _check_class_folder(source: Path) -> list[Path]:
 
 def _link_or_copy(source: str, target: str) -> None:
     try:
-        os.link(source, target)
+        os.link(os.path.realpath(source), target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def _ignore_unsafe(root: Path):
+    """Return a copytree filter that drops hidden files and unsafe links.
+
+    A symbolic link is copied only when it points to a file inside `root`:
+    links to folders could loop, and links leading outside would copy files
+    the user never meant to add (such as /etc/shadow) into data/raw and DVC.
+    """
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        dropped = []
+        for name in names:
+            path = Path(folder, name)
+            if is_ignored(name):
+                dropped.append(name)
+            elif path.is_symlink():
+                target = path.resolve()
+                if not target.is_file() or not target.is_relative_to(root):
+                    log.warning(
+                        "Skipped link %s -> %s (outside the folder, a "
+                        "folder or missing)",
+                        path,
+                        target,
+                    )
+                    dropped.append(name)
+        return dropped
+
+    return ignore
 
 
 def copy_folder(source: Path, target: Path) -> Counter[str]:
@@ -142,7 +171,7 @@ def copy_folder(source: Path, target: Path) -> Counter[str]:
             class_dir,
             target / class_dir.name,
             copy_function=_link_or_copy,
-            ignore=lambda _, names: [n for n in names if is_ignored(n)],
+            ignore=_ignore_unsafe(source.resolve()),
         )
         counts[class_dir.name] = sum(
             1 for p in (target / class_dir.name).rglob("*") if p.is_file()

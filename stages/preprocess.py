@@ -100,6 +100,11 @@ def preprocess(
         if index.empty:
             raise InputError(f"No usable image found under {raw_dir}")
         classes = sorted(index["label"].unique())
+        if len(classes) < 2:
+            raise InputError(
+                f"Found images of one class only ({classes[0]!r}) under {raw_dir}; "
+                "a classifier needs at least 2 class folders"
+            )
         index.to_csv(tmp / "index.csv", index=False)
         skipped.to_csv(tmp / "skipped.csv", index=False)
         write_json(tmp / "classes.json", classes)

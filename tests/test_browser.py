@@ -17,8 +17,6 @@ from tests.services import (
     train_and_evaluate,
 )
 
-pytestmark = pytest.mark.slow
-
 # Without these, Chromium contacts Google's services at start.
 CHROMIUM_FLAGS = [
     "--headless",

@@ -59,3 +59,20 @@ def test_download_failure_keeps_previous_output(project: Path, tmp_path: Path) -
         download(["dataset=folder", f"dataset.path={tmp_path / 'nowhere'}"])
     assert len(list((project / "data/raw").rglob("*.png"))) == 1797
     assert [p.name for p in (project / "data").iterdir()] == ["raw"]
+
+
+def test_download_folder_skips_unsafe_links(project: Path, tmp_path: Path) -> None:
+    source = make_image_folder(tmp_path / "images", {"a": 2, "b": 2})
+    (source / "b" / "secret.png").symlink_to("/etc/passwd")
+    (source / "b" / "loop").symlink_to("..")
+    (source / "b" / "dangling.png").symlink_to(tmp_path / "missing.png")
+    (source / "b" / "inside.png").symlink_to(source / "a" / "000.png")
+    counts = download(["dataset=folder", f"dataset.path={source}"])
+    raw = project / "data/raw"
+    assert counts == {"a": 2, "b": 3}
+    assert sorted(p.name for p in (raw / "b").iterdir()) == [
+        "000.png",
+        "001.png",
+        "inside.png",
+    ]
+    assert not (raw / "b" / "inside.png").is_symlink()

@@ -94,7 +94,6 @@ def test_unreachable_server_fails_fast() -> None:
     assert "tracking.uri" in message
 
 
-@pytest.mark.slow
 def test_unreachable_server_stops_train_stage(offline_project: Path) -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     command = [
@@ -116,7 +115,6 @@ def test_unreachable_server_stops_train_stage(offline_project: Path) -> None:
     assert not (offline_project / "models" / "model.keras").exists()
 
 
-@pytest.mark.slow
 def test_fallback_run_uploads_later(
     offline_project: Path,
     fault_server: MlflowServer,
@@ -219,7 +217,6 @@ class ServerKiller(threading.Thread):
             self.error = error
 
 
-@pytest.mark.slow
 def test_server_killed_mid_training(
     offline_project: Path,
     fault_server: MlflowServer,

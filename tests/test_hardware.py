@@ -182,7 +182,6 @@ def stage_env() -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
 def test_hardware_two_workers_train_on_cpu(
     digits_project: Path, tmp_path: Path
 ) -> None:

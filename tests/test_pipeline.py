@@ -13,8 +13,6 @@ import pytest
 
 from tests.conftest import ROOT, client_for
 
-pytestmark = pytest.mark.slow
-
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run a command with the venv first on PATH; fail the test with its output."""
@@ -158,6 +156,7 @@ def test_pipeline_run_cache_keeps_run_id(repo: Path, first_repro) -> None:
     assert len(experiment_runs(repo)) == 2
 
 
+@pytest.mark.slow
 def test_pipeline_temp_and_queued_runs_share_store(repo: Path, first_repro) -> None:
     overrides = ["-S", "model=cnn_small", "-S", "train.epochs=1"]
     temp = run(

@@ -79,12 +79,12 @@ def test_preprocess_digits(digits_project: Path) -> None:
 
 
 def test_preprocess_small_and_empty_classes_skip(project: Path, tmp_path: Path) -> None:
-    source = make_image_folder(tmp_path / "images", {"big": 5, "tiny": 2})
+    source = make_image_folder(tmp_path / "images", {"big": 5, "bag": 4, "tiny": 2})
     (source / "empty").mkdir()
     (source / "empty" / "junk.txt").write_text("x")
     download(["dataset=folder", f"dataset.path={source}"])
     metrics = preprocess([])
-    assert metrics["num_classes"] == 1
+    assert metrics["num_classes"] == 2
     assert metrics["num_empty_classes"] == 1
     assert metrics["num_small_classes"] == 1
     skipped = pd.read_csv(project / "data/processed/skipped.csv")
@@ -92,7 +92,7 @@ def test_preprocess_small_and_empty_classes_skip(project: Path, tmp_path: Path) 
     assert len(tiny) == 2
     assert tiny["reason"].str.contains("min_images_per_class=3").all()
     classes = json.loads((project / "data/processed/classes.json").read_text())
-    assert classes == ["big"]
+    assert classes == ["bag", "big"]
 
 
 def test_preprocess_small_class_fails_under_fail(project: Path, tmp_path: Path) -> None:
@@ -120,3 +120,11 @@ def test_shard_writer_caps_shard_bytes(tmp_path: Path, monkeypatch) -> None:
     rows = pd.DataFrame(addresses, columns=["shard", "offset"])
     images = load_images(tmp_path, rows)
     assert [int(image[0, 0, 0]) for image in images] == list(range(7))
+
+
+def test_preprocess_rejects_single_class(project: Path, tmp_path: Path) -> None:
+    source = make_image_folder(tmp_path / "images", {"only": 4})
+    (source / "other").mkdir()
+    download(["dataset=folder", f"dataset.path={source}"])
+    with pytest.raises(InputError, match="one class only"):
+        preprocess([])

@@ -6,11 +6,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-import pytest
-
 from tests.services import reproduced_repo, run, stages_run
-
-pytestmark = pytest.mark.slow
 
 # The outputs that DVC caches (the metrics and plots are kept in git).
 CACHED_OUTPUTS = ("data/raw", "data/processed", "data/split", "models/model.keras")

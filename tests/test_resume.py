@@ -86,7 +86,6 @@ def final_weights(project: Path) -> list[np.ndarray]:
     return keras.models.load_model(project / "models/model.keras").get_weights()
 
 
-@pytest.mark.slow
 def test_resume_after_kill_matches_whole_run(
     digits_project: Path, tmp_path: Path
 ) -> None:

@@ -180,7 +180,6 @@ def test_secrets_run_contents_masked(
     assert "MLflow run" in caplog.text
 
 
-@pytest.mark.slow
 def test_secrets_basic_auth_server(
     tmp_path: Path, project: Path, monkeypatch, caplog, isolated_tracking
 ) -> None:

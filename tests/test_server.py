@@ -117,7 +117,6 @@ def test_server_create_database_twice() -> None:
             )
 
 
-@pytest.mark.slow
 def test_server_stages_log_to_postgres(
     digits_project: Path,
     postgres_server: MlflowServer,
