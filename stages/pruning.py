@@ -27,6 +27,21 @@ def parse_pointer(pointer: str) -> tuple[str, str, int, str]:
     return parts[0], parts[1], int(parts[2]), parts[3]
 
 
+def make_pruner(spec: dict):
+    """Rebuild the sweep's pruner from the description stored in the study."""
+    import optuna
+
+    kind = spec.get("type", "median")
+    warmup = int(spec.get("n_warmup_steps") or 0)
+    if kind == "threshold":
+        return optuna.pruners.ThresholdPruner(
+            lower=spec.get("lower"), upper=spec.get("upper"), n_warmup_steps=warmup
+        )
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_warmup_steps=warmup)
+
+
 def pruning_callback():
     """Return a Keras callback reporting to the sweep's Optuna trial, or None
     when the process is not a sweep trial."""
@@ -42,6 +57,7 @@ def pruning_callback():
     path, study_name, trial_id, metric = parse_pointer(pointer)
     storage = JournalStorage(JournalFileBackend(path))
     study = optuna.load_study(study_name=study_name, storage=storage)
+    study.pruner = make_pruner(study.user_attrs.get("pruner") or {})
     trial = optuna.trial.Trial(study, trial_id)
 
     class OptunaPruning(keras.callbacks.Callback):

@@ -34,7 +34,6 @@ from stages.pruning import OPTUNA_TRIAL_ENV
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class OptunaJournalSweeperConf:
     """Settings of the sweeper, under `hydra.sweeper`."""
@@ -169,6 +168,21 @@ class OptunaJournalSweeper(Sweeper):
             sampler=make_sampler(self.settings.sampler, self.settings.seed),
             pruner=make_pruner(self.settings),
             load_if_exists=True,
+        )
+        # A seeded sampler would repeat its first suggestions on every resume.
+        if self.settings.seed is not None:
+            seed = self.settings.seed + len(study.trials)
+            study.sampler = make_sampler(self.settings.sampler, seed)
+        # Trials run in other processes, which load the study without the
+        # pruner; they rebuild it from this attribute (stages/pruning.py).
+        study.set_user_attr(
+            "pruner",
+            {
+                "type": self.settings.pruner,
+                "n_warmup_steps": self.settings.pruner_warmup_epochs,
+                "lower": self.settings.pruner_lower,
+                "upper": self.settings.pruner_upper,
+            },
         )
         stale = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
         for trial in stale:
