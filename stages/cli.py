@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from stages.config import ConfigError
 from stages.fsutil import DiskFullError
+from stages.redaction import install_log_redaction
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ def run_stage(task: Callable[[list[str]], object], description: str) -> None:
     )
     args = parser.parse_args()
     setup_logging()
+    # Mask credentials in every stage's log, such as a token in dataset.url.
+    install_log_redaction()
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         task(args.overrides)

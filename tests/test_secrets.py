@@ -223,3 +223,20 @@ def test_secrets_basic_auth_server(
         assert_no_secret(server.log_file.read_text())
     finally:
         server.stop()
+
+
+def test_stage_log_masks_url_token(capfd) -> None:
+    import logging
+
+    from stages.cli import setup_logging
+    from stages.redaction import install_log_redaction
+
+    setup_logging()
+    install_log_redaction()
+    logging.getLogger("stages.archives").info(
+        "Downloading http://user:hunter2@127.0.0.1:9/x.tgz?token=supersecret"
+    )
+    logged = capfd.readouterr().err
+    assert "Downloading http://" in logged
+    assert "supersecret" not in logged
+    assert "hunter2" not in logged
