@@ -6,7 +6,7 @@
 
 Reads conf/multirun.yaml (conf/config.yaml plus the `sweep` settings: metric,
 direction, GPUs). Each trial runs `dvc exp run --temp` with its overrides and
-returns its val metric; the sweep's parent MLflow run gets the search space,
+returns its val metric. The sweep's parent MLflow run gets the search space,
 a table of trials, the best trial and two pictures.
 """
 

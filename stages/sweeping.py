@@ -175,8 +175,8 @@ def record_reused_trial(
 ) -> str:
     """Create a child run for a trial that DVC restored from its run cache.
 
-    DVC ran no stage for such a trial, so its training run is an earlier one;
-    the child run copies that run's params and metrics and points to it.
+    DVC ran no stage for such a trial, so its training run is an earlier one.
+    The child run copies that run's params and metrics and points to it.
     """
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient

@@ -1,4 +1,4 @@
-"""What an MLflow run holds after the real stages: config, inputs, hashes,
+"""What an MLflow run contains after the real stages: config, inputs, hashes,
 evaluation files, and safe keys for awkward class names."""
 
 from __future__ import annotations

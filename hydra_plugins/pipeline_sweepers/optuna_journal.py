@@ -219,7 +219,7 @@ class OptunaJournalSweeper(Sweeper):
         ]
 
     def sweep(self, arguments: list[str]) -> list[Any]:
-        """Run trials until the study holds `n_trials` finished ones."""
+        """Run trials until the study contains `n_trials` finished ones."""
 
         storage_path = Path(self.settings.storage).resolve()
         self.metric = self.config.sweep.metric
