@@ -35,6 +35,7 @@ from stages.metrics import (
     plot_misclassified,
     summary_metrics,
 )
+from stages.shards import ShardedImages
 
 log = logging.getLogger("stages.evaluate")
 
@@ -70,16 +71,24 @@ LOGGED_OUTPUTS = (
 )
 
 
-def predict(model_file: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Return class probabilities for `images` in their order, in one pass."""
+def predict(
+    model_file: Path, images: ShardedImages, labels: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """Return class probabilities for `images` in their order, in one pass.
+
+    The images are streamed from their shards in manifest order.
+    """
     import keras
 
+    from stages.training import make_dataset
+
     model = keras.models.load_model(model_file)
-    return model.predict(images, batch_size=batch_size, verbose=0)
+    batches = make_dataset(images, labels, batch_size)
+    return model.predict(batches, verbose=0)
 
 
 def write_outputs(
-    images: np.ndarray,
+    images: ShardedImages | np.ndarray,
     labels: np.ndarray,
     probabilities: np.ndarray,
     classes: list[str],
@@ -221,7 +230,7 @@ def evaluate(
         raise InputError(f"{split_dir / 'test.csv'} is empty; raise split.test")
     log.info("Evaluating %s on %d test images", model_file, len(images))
 
-    probabilities = predict(model_file, images, params.evaluate.batch_size)
+    probabilities = predict(model_file, images, labels, params.evaluate.batch_size)
     metrics, areas = write_outputs(
         images, labels, probabilities, classes, params.evaluate.top_k, outputs
     )

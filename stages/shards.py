@@ -6,6 +6,7 @@ its memory does not grow with the dataset. Readers memory-map the shards.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -57,19 +58,110 @@ class ShardWriter:
         self.num_shards += 1
 
 
+class ShardedImages:
+    """The images that manifest rows address, read from their shards on demand.
+
+    Behaves like a read-only (N, H, W, C) uint8 array for `len`, `shape` and
+    indexing, but keeps no pixels in memory: each access reads the addressed
+    images from the shard files with positioned reads. Memory therefore does
+    not grow with the number of images, and the operating system's page
+    cache makes later epochs as fast as an in-memory copy when it fits.
+    """
+
+    def __init__(self, folder: Path, rows: pd.DataFrame) -> None:
+        self.folder = Path(folder)
+        self.shard_ids = rows["shard"].to_numpy(dtype=np.int64)
+        self.offsets = rows["offset"].to_numpy(dtype=np.int64)
+        self._files: dict[int, _ShardFile] = {}
+        first = int(self.shard_ids[0]) if len(self.shard_ids) else 0
+        self.image_shape = self._file(first).image_shape
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.image_shape)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return self.take(np.arange(len(self))[[index]])[0]
+        return self.take(np.arange(len(self))[index])
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """Return the images at `indices` (positions in the rows), in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), *self.image_shape), dtype=np.uint8)
+        shard_ids = self.shard_ids[indices]
+        for shard in np.unique(shard_ids):
+            where = np.flatnonzero(shard_ids == shard)
+            # Ascending offsets turn neighbouring images into forward reads.
+            where = where[np.argsort(self.offsets[indices[where]], kind="stable")]
+            self._file(int(shard)).read(self.offsets[indices[where]], out, where)
+        return out
+
+    def batches(self, batch_size: int, order: np.ndarray | None = None):
+        """Yield the images in `order` (default: row order) in batches."""
+        order = np.arange(len(self)) if order is None else order
+        for start in range(0, len(order), batch_size):
+            yield self.take(order[start : start + batch_size])
+
+    def close(self) -> None:
+        for shard in self._files.values():
+            shard.close()
+        self._files.clear()
+
+    def _file(self, shard: int) -> _ShardFile:
+        if shard not in self._files:
+            self._files[shard] = _ShardFile(self.folder / SHARD_PATTERN.format(shard))
+        return self._files[shard]
+
+
+class _ShardFile:
+    """One shard opened for positioned reads of single images."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Unbuffered, and closed by the garbage collector if close() is not called.
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115
+        version = np.lib.format.read_magic(self.file)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(self.file)
+        self.data_start = self.file.tell()
+        if fortran or dtype != np.uint8 or len(shape) != 4:
+            self.file.close()
+            raise ValueError(
+                f"{path} is not a shard of uint8 images (shape {shape}, {dtype}); "
+                "rerun the preprocess stage"
+            )
+        self.count = shape[0]
+        self.image_shape = tuple(shape[1:])
+        self.image_bytes = int(np.prod(self.image_shape))
+
+    def read(self, offsets: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
+        """Read the images at `offsets` into out[positions]."""
+        if len(offsets) and (offsets.min() < 0 or offsets.max() >= self.count):
+            raise ValueError(
+                f"{self.path} holds {self.count} images, but a manifest addresses "
+                f"image {int(offsets.max())}; rerun the preprocess and split stages"
+            )
+        for offset, position in zip(offsets, positions, strict=True):
+            start = self.data_start + int(offset) * self.image_bytes
+            data = os.pread(self.file.fileno(), self.image_bytes, start)
+            out[position] = np.frombuffer(data, np.uint8).reshape(self.image_shape)
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def load_images(folder: Path, rows: pd.DataFrame) -> np.ndarray:
     """Gather the images addressed by `rows` (columns shard, offset), in row order."""
-    shards: dict[int, np.ndarray] = {}
-    for shard in rows["shard"].unique():
-        shards[int(shard)] = np.load(
-            folder / SHARD_PATTERN.format(shard), mmap_mode="r"
-        )
-    if rows.empty:
-        first = np.load(folder / SHARD_PATTERN.format(0), mmap_mode="r")
-        return np.zeros((0, *first.shape[1:]), dtype=np.uint8)
-    return np.stack(
-        [
-            shards[int(s)][int(o)]
-            for s, o in zip(rows["shard"], rows["offset"], strict=True)
-        ]
-    )
+    images = ShardedImages(folder, rows)
+    try:
+        return images.take(np.arange(len(images)))
+    finally:
+        images.close()

@@ -23,6 +23,7 @@ from stages.config import ModelConfig, Params, load_params
 from stages.fsutil import atomic_file, write_json
 from stages.hardware import HardwarePlan
 from stages.pruning import pruning_callback
+from stages.shards import ShardedImages
 from stages.training import CheckpointStore, TrainingState
 
 log = logging.getLogger("stages.train")
@@ -56,7 +57,7 @@ class TrainingSession:
     """Data, hardware and checkpoint store of one training process."""
 
     params: Params
-    data: dict[str, tuple[np.ndarray, np.ndarray]]
+    data: dict[str, tuple[ShardedImages, np.ndarray]]  # split name: images, labels
     num_classes: int
     plan: HardwarePlan
     strategy: object
@@ -256,13 +257,7 @@ def _datasets(session: TrainingSession, epochs: range):
     x_train, y_train = session.data["train"]
     x_val, y_val = session.data["val"]
     train_data = make_epochs_dataset(
-        x_train,
-        y_train,
-        session.global_batch_size,
-        epochs,
-        cfg.seed,
-        cfg.shuffle_buffer,
-        num_classes,
+        x_train, y_train, session.global_batch_size, epochs, cfg.seed, num_classes
     )
     if not len(x_val):
         return train_data, None
@@ -413,7 +408,7 @@ def _load_data(processed_dir: Path, split_dir: Path, train_cfg):
             "train_loss"
         )
     log.info(
-        "Loaded %d train and %d val images of shape %s, %d classes",
+        "Streaming %d train and %d val images of shape %s from the shards, %d classes",
         len(data["train"][0]),
         len(data["val"][0]),
         data["train"][0].shape[1:],
@@ -452,7 +447,7 @@ def train(
     plan, strategy, tags = _prepare_hardware(params)
     model = _build(params, data["train"][0].shape[1:], len(classes), plan, strategy)
     fingerprint = training_fingerprint(
-        params.raw, split_dir, [*data["train"], *data["val"]]
+        params.raw, split_dir, [data["train"][0], data["val"][0]]
     )
     store = CheckpointStore(outputs["checkpoints"], fingerprint)
     session = TrainingSession(

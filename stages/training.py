@@ -24,7 +24,7 @@ import pandas as pd
 from stages.cli import InputError
 from stages.config import EarlyStoppingConfig
 from stages.fsutil import atomic_dir, remove_stale_tmp, write_json
-from stages.shards import load_images
+from stages.shards import ShardedImages
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,11 @@ def read_classes(processed_dir: Path) -> list[str]:
 
 def load_split(
     processed_dir: Path, split_dir: Path, name: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return the images (N, H, W, C uint8) and class indices of one split."""
+) -> tuple[ShardedImages, np.ndarray]:
+    """Return the images (read from the shards on demand) and labels of a split."""
     rows = read_manifest(split_dir, name)
-    images = load_images(processed_dir, rows)
     labels = rows["class_index"].to_numpy(dtype=np.int32)
-    return images, labels
+    return ShardedImages(processed_dir, rows), labels
 
 
 def check_labels(labels: np.ndarray, num_classes: int, source: Path) -> None:
@@ -78,14 +77,32 @@ def check_labels(labels: np.ndarray, num_classes: int, source: Path) -> None:
         )
 
 
-def _prepare_batches(dataset, num_classes: int | None):
-    """One-hot encode the labels when `num_classes` is given, then prefetch."""
+def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
+    """Return the image order of `epoch`, which depends only on (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_images)
+
+
+def _batches_dataset(
+    generate, num_batches: int, image_shape: tuple[int, ...], num_classes: int | None
+):
+    """Wrap a generator of `num_batches` (images, labels) batches in tf.data.
+
+    The pipeline knows its length, so Keras needs no extra pass to find the
+    end of the data. With `num_classes`, labels are one-hot.
+    """
     import tensorflow as tf
 
+    dataset = tf.data.Dataset.from_generator(
+        generate,
+        output_signature=(
+            tf.TensorSpec((None, *image_shape), tf.uint8),
+            tf.TensorSpec((None,), tf.int32),
+        ),
+    ).apply(tf.data.experimental.assert_cardinality(num_batches))
     if num_classes:
         dataset = dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
-    # In-memory data has no files to shard by, so each worker of a
-    # multi-worker strategy takes its share of every batch's examples.
+    # The batches come from one generator, with no files to shard by, so each
+    # worker of a multi-worker strategy takes its share of every batch.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA
@@ -94,59 +111,53 @@ def _prepare_batches(dataset, num_classes: int | None):
 
 
 def make_dataset(
-    images: np.ndarray,
+    images: ShardedImages,
     labels: np.ndarray,
     batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    shuffle_buffer: int = 10_000,
     num_classes: int | None = None,
 ):
-    """Build a batched, prefetched tf.data pipeline over in-memory arrays.
+    """Build batches of one split in manifest order, streamed from its shards.
 
-    Only the training set is shuffled, so predictions over the others keep
-    the manifest order and line up with their labels. With `num_classes`,
-    labels are one-hot.
+    The order is kept, so predictions line up with `labels`.
     """
-    import tensorflow as tf
 
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
-    if shuffle:
-        buffer = min(shuffle_buffer, len(images))
-        dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    return _prepare_batches(dataset.batch(batch_size), num_classes)
+    def generate():
+        for start, batch in zip(
+            range(0, len(labels), batch_size),
+            images.batches(batch_size),
+            strict=True,
+        ):
+            yield batch, labels[start : start + batch_size]
+
+    num_batches = -(-len(labels) // batch_size)
+    return _batches_dataset(generate, num_batches, images.image_shape, num_classes)
 
 
 def make_epochs_dataset(
-    images: np.ndarray,
+    images: ShardedImages,
     labels: np.ndarray,
     batch_size: int,
     epochs: range,
     seed: int,
-    shuffle_buffer: int = 10_000,
     num_classes: int | None = None,
 ):
     """Build the training batches of `epochs`, one shuffled pass per epoch.
 
-    The order of epoch e depends only on (seed, e), so the batches of a run
-    resumed at epoch e match those of an uninterrupted run. Pass
-    `steps_per_epoch` to `fit`, because the dataset contains every epoch.
+    The images are streamed from their shards, so memory does not grow with
+    the split. The order of epoch e depends only on (seed, e), so the
+    batches of a run resumed at epoch e match those of an uninterrupted run.
+    Pass `steps_per_epoch` to `fit`, because the dataset contains every epoch.
     """
-    import tensorflow as tf
 
-    examples = tf.data.Dataset.from_tensor_slices((images, labels))
-    buffer = min(shuffle_buffer, len(images))
+    def generate():
+        for epoch in epochs:
+            order = epoch_order(len(labels), seed, epoch)
+            for start in range(0, len(order), batch_size):
+                chosen = order[start : start + batch_size]
+                yield images.take(chosen), labels[chosen]
 
-    def one_epoch(epoch):
-        # Distinct for every (seed, epoch) pair with epoch below 1,000,003.
-        epoch_seed = tf.constant(seed, tf.int64) * 1_000_003 + epoch
-        shuffled = examples.shuffle(
-            buffer, seed=epoch_seed, reshuffle_each_iteration=False
-        )
-        return shuffled.batch(batch_size)
-
-    batches = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(one_epoch)
-    return _prepare_batches(batches, num_classes)
+    num_batches = -(-len(labels) // batch_size) * len(epochs)
+    return _batches_dataset(generate, num_batches, images.image_shape, num_classes)
 
 
 def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -264,17 +275,16 @@ def early_stopping(
     )
 
 
-def hash_arrays(*arrays: np.ndarray) -> str:
-    """Return the SHA-256 of the arrays' shapes, dtypes and bytes."""
-    digest = hashlib.sha256()
-    for array in arrays:
-        digest.update(f"{array.shape}{array.dtype}".encode())
-        digest.update(np.ascontiguousarray(array).data)
+def hash_images(images: ShardedImages, chunk: int = 256) -> str:
+    """Return the SHA-256 of the images' shape and pixels, read in chunks."""
+    digest = hashlib.sha256(f"{images.shape}".encode())
+    for batch in images.batches(chunk):
+        digest.update(batch.data)
     return digest.hexdigest()
 
 
 def training_fingerprint(
-    params: dict[str, Any], split_dir: Path, arrays: list[np.ndarray]
+    params: dict[str, Any], split_dir: Path, images: list[ShardedImages]
 ) -> dict[str, str]:
     """Identify what a checkpoint was made for: settings, manifests and pixels.
 
@@ -289,7 +299,10 @@ def training_fingerprint(
         fingerprint[f"{name}_manifest"] = hashlib.sha256(
             manifest.read_bytes()
         ).hexdigest()
-    fingerprint["data"] = hash_arrays(*arrays)
+    digest = hashlib.sha256()
+    for split in images:
+        digest.update(hash_images(split).encode())
+    fingerprint["data"] = digest.hexdigest()
     return fingerprint
 
 

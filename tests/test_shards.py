@@ -1,0 +1,103 @@
+"""Streaming images from shards: random access, epoch order and tf.data batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages.shards import ShardedImages, ShardWriter
+
+
+def write_shards(folder: Path, count: int, shard_size: int) -> pd.DataFrame:
+    """Write `count` 3x4x1 images whose pixels all equal their number."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(folder, shard_size)
+    addresses = [writer.add(np.full((3, 4, 1), i, np.uint8)) for i in range(count)]
+    writer.flush()
+    return pd.DataFrame(addresses, columns=["shard", "offset"])
+
+
+def numbers(images: np.ndarray) -> list[int]:
+    return [int(image[0, 0, 0]) for image in images]
+
+
+def test_sharded_images_read_any_order_across_shards(tmp_path: Path) -> None:
+    rows = write_shards(tmp_path, 23, shard_size=5)
+    # Rows in an order unrelated to the shard layout, as a split manifest has.
+    shuffled = rows.sample(frac=1, random_state=1).reset_index(drop=True)
+    expected = (shuffled["shard"] * 5 + shuffled["offset"]).tolist()
+    images = ShardedImages(tmp_path, shuffled)
+
+    assert images.shape == (23, 3, 4, 1)
+    assert numbers(images[:]) == expected
+    assert numbers(images.take(np.array([22, 0, 7, 7]))) == [
+        expected[22],
+        expected[0],
+        expected[7],
+        expected[7],
+    ]
+    assert int(images[-1][0, 0, 0]) == expected[-1]
+    assert numbers(images[3:6]) == expected[3:6]
+    batches = list(images.batches(10))
+    assert [len(b) for b in batches] == [10, 10, 3]
+    assert numbers(np.concatenate(batches)) == expected
+
+
+def test_sharded_images_name_the_shard_a_manifest_overruns(tmp_path: Path) -> None:
+    rows = write_shards(tmp_path, 6, shard_size=4)
+    rows.loc[5, "offset"] = 9
+    images = ShardedImages(tmp_path, rows)
+    with pytest.raises(ValueError, match=r"images-00001\.npy holds 2 images"):
+        images.take(np.arange(6))
+
+
+def test_sharded_images_reject_a_file_that_is_not_a_shard(tmp_path: Path) -> None:
+    np.save(tmp_path / "images-00000.npy", np.zeros((4, 4), np.float32))
+    rows = pd.DataFrame({"shard": [0], "offset": [0]})
+    with pytest.raises(ValueError, match="not a shard of uint8 images"):
+        ShardedImages(tmp_path, rows)
+
+
+def collect(dataset) -> list[tuple[list[int], list[int]]]:
+    return [(numbers(x.numpy()), y.numpy().tolist()) for x, y in dataset]
+
+
+def test_epochs_stream_every_image_once_in_a_replayable_order(tmp_path: Path) -> None:
+    from stages.training import make_epochs_dataset
+
+    rows = write_shards(tmp_path, 11, shard_size=4)
+    images = ShardedImages(tmp_path, rows)
+    labels = np.arange(11, dtype=np.int32) % 3
+
+    full = collect(make_epochs_dataset(images, labels, 4, range(0, 3), seed=7))
+    resumed = collect(make_epochs_dataset(images, labels, 4, range(1, 3), seed=7))
+    assert len(full) == 9  # three batches of 4, 4 and 3 images per epoch
+    assert full[3:] == resumed
+
+    epochs = [sum((pixels for pixels, _ in full[i : i + 3]), []) for i in (0, 3, 6)]
+    for order in epochs:
+        assert sorted(order) == list(range(11))
+    assert epochs[0] != epochs[1]
+    for pixels, batch_labels in full:
+        assert batch_labels == [p % 3 for p in pixels]
+
+    other_seed = collect(make_epochs_dataset(images, labels, 4, range(0, 1), seed=8))
+    assert other_seed != full[:3]
+
+
+def test_split_batches_keep_manifest_order_and_one_hot_labels(tmp_path: Path) -> None:
+    from stages.training import make_dataset
+
+    rows = write_shards(tmp_path, 7, shard_size=3).iloc[::-1]
+    images = ShardedImages(tmp_path, rows)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0], np.int32)
+
+    dataset = make_dataset(images, labels, 3, num_classes=3)
+    assert int(dataset.cardinality()) == 3
+    batches = [(numbers(x.numpy()), y.numpy()) for x, y in dataset]
+    assert sum((pixels for pixels, _ in batches), []) == [6, 5, 4, 3, 2, 1, 0]
+    one_hot = np.concatenate([y for _, y in batches])
+    assert one_hot.argmax(axis=1).tolist() == labels.tolist()
