@@ -247,7 +247,11 @@ def _point_raw_dir(copy: Path, photos: PhotoSet) -> None:
 
 
 def run_preprocess_stage(ctx: Context, copy: Path, photos: PhotoSet, name: str):
-    """Run `python -m stages.preprocess` on `photos`, timing it and its peak RSS."""
+    """Run `python -m stages.preprocess` on `photos`, timing it and its peak RSS.
+
+    Then stream one training epoch over the shards it wrote, for the peak RSS
+    of the training input pipeline.
+    """
     _point_raw_dir(copy, photos)
     command = [PYTHON, "-m", "stages.preprocess"]
     timed = ctx.run(name, command, copy, track_memory=True)
@@ -257,10 +261,25 @@ def run_preprocess_stage(ctx: Context, copy: Path, photos: PhotoSet, name: str):
             f"the preprocess stage wrote {written['num_images']} images of "
             f"{photos.num_images}; see {ctx.log_dir}"
         )
+    stream = ctx.run(
+        f"{name}-stream",
+        [PYTHON, "-m", "bench.stream_epoch", str(copy)],
+        ROOT,
+        track_memory=True,
+    )
+    streamed = json.loads(stream.output.strip().splitlines()[-1])
+    if streamed["images"] != photos.num_images:
+        raise BenchError(
+            f"one training epoch streamed {streamed['images']} images of "
+            f"{photos.num_images}; see {ctx.log_dir}"
+        )
     return {
         "seconds": timed.seconds,
         "images_per_second": photos.num_images / timed.seconds,
         "peak_rss_bytes": timed.peak_rss_bytes,
+        "stream_seconds": streamed["seconds"],
+        "stream_bytes": streamed["bytes"],
+        "stream_peak_rss_bytes": stream.peak_rss_bytes,
     }
 
 

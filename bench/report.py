@@ -98,6 +98,9 @@ def summarise_preprocess(prep: dict) -> dict:
         "stage_large_images_per_second": middle("stage_large", "images_per_second"),
         "small_peak_rss_bytes": middle("stage_small", "peak_rss_bytes"),
         "large_peak_rss_bytes": middle("stage_large", "peak_rss_bytes"),
+        "small_stream_rss_bytes": middle("stage_small", "stream_peak_rss_bytes"),
+        "large_stream_rss_bytes": middle("stage_large", "stream_peak_rss_bytes"),
+        "large_stream_bytes": middle("stage_large", "stream_bytes"),
     }
 
 
@@ -221,6 +224,18 @@ def preprocess_rows(summary: dict, settings) -> list[Row]:
             " MiB",
             0,
         ),
+        _ratio_row(
+            "5",
+            f"training input peak RSS, one epoch streamed from the shards, "
+            f"{num_large:,} against {num_small:,} images (reference column: the "
+            "smaller set)",
+            summary["large_stream_rss_bytes"] / mib,
+            summary["small_stream_rss_bytes"] / mib,
+            1.2,
+            True,
+            " MiB",
+            0,
+        ),
     ]
 
 
@@ -278,6 +293,13 @@ def repetition_lines(results: dict) -> list[str]:
         for name, runs in prep.items():
             rates = _values([r["images_per_second"] for r in runs])
             lines.append(f"- preprocess {name.replace('_', ' ')} (images/s): {rates}")
+        for name in ("stage_small", "stage_large"):
+            mib = [r["stream_peak_rss_bytes"] / 1024**2 for r in prep[name]]
+            peaks = _values(mib, 0)
+            lines.append(
+                f"- training input, one epoch over the {name.split('_')[1]} set, "
+                f"peak RSS (MiB): {peaks}"
+            )
     return lines
 
 
@@ -409,7 +431,9 @@ def render_section(
             f"{settings.num_images * settings.memory_copies:,} images, "
             f"{prep_summary['stage_large_images_per_second']:.1f} images/s; the "
             "Pillow loop with JPEG draft mode (decoding at a reduced scale), "
-            f"{prep_summary['pillow_draft_images_per_second']:.1f} images/s."
+            f"{prep_summary['pillow_draft_images_per_second']:.1f} images/s. "
+            "One training epoch over the larger set streamed "
+            f"{prep_summary['large_stream_bytes'] / 1024**2:,.0f} MiB of pixels."
         )
     lines += ["", "Every repetition:", "", *repetition_lines(results), ""]
     lines.append(f"Raw results and logs: `{meta['results_dir']}` (not in git).")
