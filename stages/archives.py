@@ -3,7 +3,9 @@
 `fetch` returns a verified local copy of an archive given by http(s) URL or
 local path. Downloads stream into `<name>.part` in the cache folder, retry
 transient failures with exponential backoff, resume with HTTP Range requests,
-and are renamed to their final name only after the SHA-256 matches.
+and are renamed to their final name only after the SHA-256 matches. A download
+that passes its deadline, or stays below a minimum average rate, is stopped
+(see DownloadLimits).
 
 `extract` unpacks a zip or tar archive (plain, gzip, bzip2 or xz) into a new
 folder. It validates every member before writing anything and counts the bytes
@@ -40,6 +42,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from tqdm import tqdm
+
+from stages.redaction import mask_uri
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,105 @@ class _TransientError(Exception):
     """Download failure that a later attempt may not repeat, such as HTTP 503."""
 
 
+class DownloadTooSlowError(ArchiveError):
+    """A download passed its deadline or stayed below its minimum average rate."""
+
+
+@dataclass(frozen=True)
+class DownloadLimits:
+    """Time limits of a download, named as the dataset config keys they come from.
+
+    A download that passes a limit is stopped without a retry, because a
+    retry would meet the same slow server.
+
+    Attributes:
+        max_seconds: Seconds for the whole download, retries and the waits
+            between them included, or None for no limit.
+        min_rate: Lowest average rate in bytes per second over each
+            `rate_window`; 0 turns the check off.
+        rate_window: Seconds over which the average rate is measured.
+    """
+
+    max_seconds: float | None = None
+    min_rate: int = 1024
+    rate_window: float = 60.0
+
+
+class DownloadClock:
+    """Enforce DownloadLimits on one download, across all its attempts.
+
+    The limits are checked after each read. A read that receives nothing
+    ends at the socket timeout, which `socket_timeout` shortens to the time
+    left at the start of each attempt.
+    """
+
+    def __init__(
+        self, url: str, limits: DownloadLimits, partial: Path | None = None
+    ) -> None:
+        self.url = mask_uri(url)
+        self.limits = limits
+        self.partial = partial  # kept for resuming, and named in the errors
+        self.start = time.monotonic()
+        self.received = 0
+        self.start_window()
+
+    def start_window(self) -> None:
+        """Start a new rate window. Each attempt starts one, so the waits
+        between attempts do not count as slow transfer."""
+        self.window_start = time.monotonic()
+        self.window_bytes = 0
+
+    def remaining(self) -> float | None:
+        """Return the seconds left before the deadline, or None without one."""
+        if self.limits.max_seconds is None:
+            return None
+        return self.limits.max_seconds - (time.monotonic() - self.start)
+
+    def socket_timeout(self, timeout: float) -> float:
+        """Return `timeout`, shortened to the seconds left before the deadline."""
+        remaining = self.remaining()
+        if remaining is not None and remaining <= 0:
+            raise self.deadline_error()
+        return timeout if remaining is None else min(timeout, remaining)
+
+    def deadline_error(self, cause: str = "") -> DownloadTooSlowError:
+        """Return the error for a download that passed dataset.max_download_seconds."""
+        return DownloadTooSlowError(
+            f"Download of {self.url} did not finish within "
+            f"dataset.max_download_seconds={self.limits.max_seconds:g} seconds "
+            f"({self.received} bytes received{cause}). If the server is slow "
+            "but working, raise dataset.max_download_seconds, or set it to "
+            f"null for no limit.{self._resume_hint()}"
+        )
+
+    def update(self, num_bytes: int) -> None:
+        """Count `num_bytes` just read, then check the deadline and the rate."""
+        self.received += num_bytes
+        self.window_bytes += num_bytes
+        remaining = self.remaining()
+        if remaining is not None and remaining <= 0:
+            raise self.deadline_error()
+        elapsed = time.monotonic() - self.window_start
+        if not self.limits.min_rate or elapsed < self.limits.rate_window:
+            return
+        rate = self.window_bytes / elapsed
+        if rate < self.limits.min_rate:
+            raise DownloadTooSlowError(
+                f"Download of {self.url} is too slow: {rate:.0f} bytes per "
+                f"second over the last {elapsed:.1f} seconds, below "
+                f"dataset.min_download_rate={self.limits.min_rate} bytes per "
+                "second. If the server is slow but working, lower "
+                "dataset.min_download_rate (0 turns the check off) or raise "
+                f"dataset.download_rate_window.{self._resume_hint()}"
+            )
+        self.start_window()
+
+    def _resume_hint(self) -> str:
+        if self.partial is None:
+            return ""
+        return f" The next run resumes the partial download in {self.partial}."
+
+
 # ---------------------------------------------------------------------------
 # Download
 
@@ -102,6 +205,7 @@ def fetch(
     retries: int = 4,
     timeout: float = 30.0,
     backoff: float = 1.0,
+    limits: DownloadLimits | None = None,
 ) -> Path:
     """Verify an archive's SHA-256 and return its local path.
 
@@ -115,6 +219,8 @@ def fetch(
         retries: Number of retries after the first attempt fails transiently.
         timeout: Seconds to wait for the connection and for each read.
         backoff: Seconds before the first retry, doubled for each next one.
+        limits: Deadline and minimum rate of the download; None uses the
+            defaults of DownloadLimits.
 
     Returns:
         Path of the archive, whose SHA-256 equals `sha256`.
@@ -122,6 +228,7 @@ def fetch(
     Raises:
         ArchiveError: If `sha256` is invalid, a local source is missing, the
             download fails, or the content does not match `sha256`.
+            DownloadTooSlowError, a subclass, if the download passes a limit.
         ValueError: If `retries`, `timeout` or `backoff` is out of range.
     """
     expected = _validate_sha256(sha256)
@@ -138,7 +245,10 @@ def fetch(
         return destination
 
     logger.info("Downloading %s to %s", source, destination)
-    _download(source, expected, destination, retries, timeout, backoff)
+    clock = DownloadClock(
+        source, limits or DownloadLimits(), partial=_part_path(destination)
+    )
+    _download(source, expected, destination, retries, timeout, backoff, clock)
     return destination
 
 
@@ -224,6 +334,10 @@ def _is_cached(destination: Path, expected: str) -> bool:
     return False
 
 
+def _part_path(destination: Path) -> Path:
+    return destination.with_name(destination.name + ".part")
+
+
 def _download(
     url: str,
     expected: str,
@@ -231,13 +345,14 @@ def _download(
     retries: int,
     timeout: float,
     backoff: float,
+    clock: DownloadClock,
 ) -> None:
     # NOTE: two processes downloading the same URL into one cache_dir at
     # once would write the same .part file; nothing locks it.
-    part = destination.with_name(destination.name + ".part")
+    part = _part_path(destination)
     for attempt in range(retries + 1):
         try:
-            actual = _download_once(url, part, timeout)
+            actual = _download_once(url, part, timeout, clock)
             break
         except _TransientError as error:
             if attempt == retries:
@@ -247,6 +362,10 @@ def _download(
                     f"resumes any partial download in {part}."
                 ) from error
             delay = backoff * 2**attempt
+            remaining = clock.remaining()
+            if remaining is not None and remaining <= delay:
+                cause = f"; the last attempt failed with {error}"
+                raise clock.deadline_error(cause) from error
             logger.warning(
                 "Download of %s failed: %s. Retry %d of %d in %.2f s",
                 url,
@@ -268,13 +387,16 @@ def _download(
     logger.info("Downloaded %s (%d bytes)", destination, destination.stat().st_size)
 
 
-def _download_once(url: str, part: Path, timeout: float) -> str:
+def _download_once(url: str, part: Path, timeout: float, clock: DownloadClock) -> str:
     """Download `url` into `part`, resuming a partial file, and return its SHA-256."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     request = urllib.request.Request(url, headers=headers)
+    clock.start_window()
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = urllib.request.urlopen(
+            request, timeout=clock.socket_timeout(timeout)
+        )
     except urllib.error.HTTPError as error:
         with error:
             return _handle_http_error(error, url, part, offset)
@@ -287,7 +409,7 @@ def _download_once(url: str, part: Path, timeout: float) -> str:
         offset = _resume_offset(response, url, part, offset)
         hasher = _hash_file(part) if offset else hashlib.sha256()
         try:
-            _stream_to_file(response, part, hasher, offset)
+            _stream_to_file(response, part, hasher, offset, clock)
         except (OSError, http.client.HTTPException) as error:
             raise _classify_error(error, url) from error
     return hasher.hexdigest()
@@ -351,7 +473,11 @@ def _resume_offset(
 
 
 def _stream_to_file(
-    response: http.client.HTTPResponse, part: Path, hasher: hashlib._Hash, offset: int
+    response: http.client.HTTPResponse,
+    part: Path,
+    hasher: hashlib._Hash,
+    offset: int,
+    clock: DownloadClock,
 ) -> None:
     """Append the response body to `part` at `offset`, updating `hasher`."""
     length_header = response.headers.get("Content-Length", "")
@@ -369,11 +495,14 @@ def _stream_to_file(
             unit_divisor=1024,
         ) as progress,
     ):
-        while chunk := response.read(CHUNK_SIZE):
+        # read1 returns what has arrived, where read would wait for a whole
+        # chunk, so a slow server cannot keep the clock from being checked.
+        while chunk := response.read1(CHUNK_SIZE):
             file.write(chunk)
             hasher.update(chunk)
             received += len(chunk)
             progress.update(len(chunk))
+            clock.update(len(chunk))
 
     # http.client returns a short body without raising when the
     # connection closes early, so compare with Content-Length here.
@@ -415,7 +544,9 @@ def extract(archive: Path, target: Path, *, max_bytes: int, max_members: int) ->
     is checked before anything is written. The files are written into a
     temporary sibling folder, which replaces `target` only when complete and
     is removed on any error. `__MACOSX/` entries and symbolic links that stay
-    inside the archive are skipped.
+    inside the archive are skipped. Two members with the same path, after
+    removing '.' components and reading '\\' as '/', are rejected, because
+    the later one would overwrite the earlier.
 
     Args:
         archive: Archive file to extract.
@@ -571,6 +702,9 @@ def _check_members(
     """Return the members to write, or raise ArchiveError on the first unsafe one."""
     members: list[_Member] = []
     file_sizes: dict[PurePosixPath, int] = {}
+    # The member that first wrote each path, as a file or as a folder.
+    files: dict[PurePosixPath, str] = {}
+    folders: dict[PurePosixPath, str] = {}
     skipped: Counter[str] = Counter()
     declared_bytes = 0
     for count, entry in enumerate(entries, start=1):
@@ -583,6 +717,7 @@ def _check_members(
         member = _check_entry(entry, file_sizes, skipped)
         if member is None:
             continue
+        _check_path_conflict(member, files, folders)
         members.append(member)
         if member.kind != "dir":
             file_sizes[member.path] = member.size
@@ -597,6 +732,47 @@ def _check_members(
         summary = ", ".join(f"{count} {kind}" for kind, count in skipped.items())
         logger.info("Skipped %s in %s", summary, archive)
     return members
+
+
+def _check_path_conflict(
+    member: _Member,
+    files: dict[PurePosixPath, str],
+    folders: dict[PurePosixPath, str],
+) -> None:
+    """Record `member`'s path, raising ArchiveError if an earlier member has it.
+
+    Paths are compared as `_member_path` returns them, so 'cats/a.png',
+    './cats/a.png' and 'cats\\a.png' are one path. A folder may appear
+    twice, because creating it again changes nothing.
+    """
+    ancestors = list(member.path.parents)[:-1]  # without the root "."
+    for folder in ancestors:
+        if folder in files:
+            raise ArchiveError(
+                f"Member {member.name!r} lies inside {folder.as_posix()!r}, but "
+                f"the earlier member {files[folder]!r} is a file at that path. "
+                "Recreate the archive so that no file and folder share a path."
+            )
+    if member.path in files:
+        problem = f"has the same path as the earlier file {files[member.path]!r}"
+    elif member.kind != "dir" and member.path in folders:
+        problem = (
+            "is a file at the path of the folder that the earlier member "
+            f"{folders[member.path]!r} creates"
+        )
+    else:
+        problem = None
+    if problem:
+        raise ArchiveError(
+            f"Member {member.name!r} {problem}, so one would overwrite or block "
+            "the other. Recreate the archive so that each path appears once."
+        )
+    if member.kind == "dir":
+        folders.setdefault(member.path, member.name)
+    else:
+        files[member.path] = member.name
+    for folder in ancestors:
+        folders.setdefault(folder, member.name)
 
 
 def _check_entry(

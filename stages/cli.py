@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from stages.config import ConfigError
-from stages.fsutil import DiskFullError
+from stages.fsutil import DiskFullError, OutputLockedError
 from stages.redaction import install_log_redaction
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ def run_stage(task: Callable[[list[str]], object], description: str) -> None:
     """Parse `key=value` overrides, run `task(overrides)` and map errors to exits.
 
     Configuration and input errors print one message and exit with status 2,
+    a full disk or an output locked by another run with status 1, both
     without a traceback; anything else propagates. SIGTERM is turned into
     KeyboardInterrupt, so cleanup code (such as ending an MLflow run as
     KILLED) runs as it does on Ctrl-C.
@@ -58,6 +59,6 @@ def run_stage(task: Callable[[list[str]], object], description: str) -> None:
     except (ConfigError, InputError) as error:
         log.error("%s", error)
         sys.exit(2)
-    except DiskFullError as error:
+    except (DiskFullError, OutputLockedError) as error:
         log.error("%s", error)
         sys.exit(1)

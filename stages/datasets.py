@@ -423,7 +423,18 @@ def _unverified_name(url: str) -> str:
     return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{safe}"
 
 
-def _save_response(response: http.client.HTTPResponse, part: Path) -> None:
+def download_limits(dataset: DatasetConfig) -> archives.DownloadLimits:
+    """Return the download deadline and minimum rate set in the dataset section."""
+    return archives.DownloadLimits(
+        max_seconds=dataset.max_download_seconds,
+        min_rate=dataset.min_download_rate,
+        rate_window=dataset.download_rate_window,
+    )
+
+
+def _save_response(
+    response: http.client.HTTPResponse, part: Path, clock: archives.DownloadClock
+) -> None:
     """Write the response body to `part`, raising ConnectionError if it is short."""
     length_header = response.headers.get("Content-Length", "")
     total = int(length_header) if length_header.isdigit() else None
@@ -432,17 +443,22 @@ def _save_response(response: http.client.HTTPResponse, part: Path) -> None:
         part.open("wb") as file,
         tqdm(total=total, desc=part.name, unit="B", unit_scale=True) as progress,
     ):
-        while chunk := response.read(CHUNK_SIZE):
+        # read1 returns what has arrived, so the clock is checked even when
+        # the server sends less than a chunk at a time.
+        while chunk := response.read1(CHUNK_SIZE):
             file.write(chunk)
             received += len(chunk)
             progress.update(len(chunk))
+            clock.update(len(chunk))
     # http.client returns a short body without raising when the connection
     # closes early, so compare with Content-Length.
     if total is not None and received < total:
         raise ConnectionError(f"connection closed after {received} of {total} bytes")
 
 
-def _download_unverified(url: str, folder: Path) -> Path:
+def _download_unverified(
+    url: str, folder: Path, limits: archives.DownloadLimits
+) -> Path:
     """Download `url` into `folder` once and return the file, reusing it later."""
     destination = folder / _unverified_name(url)
     if destination.is_file():
@@ -451,9 +467,14 @@ def _download_unverified(url: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     part = destination.with_name(destination.name + ".part")
     log.info("Downloading %s to %s", url, destination)
+    clock = archives.DownloadClock(url, limits)
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
-            _save_response(response, part)
+        timeout = clock.socket_timeout(DOWNLOAD_TIMEOUT)
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            _save_response(response, part, clock)
+    except archives.DownloadTooSlowError as error:
+        part.unlink(missing_ok=True)
+        raise InputError(str(error)) from error
     # URLError and HTTPError are OSError subclasses.
     except (OSError, http.client.HTTPException) as error:
         part.unlink(missing_ok=True)
@@ -465,7 +486,9 @@ def _download_unverified(url: str, folder: Path) -> Path:
     return destination
 
 
-def _unverified_archive(url: str, cache_dir: Path) -> tuple[str, str]:
+def _unverified_archive(
+    url: str, cache_dir: Path, limits: archives.DownloadLimits
+) -> tuple[str, str]:
     """Return a local file URL for the archive at `url` and its computed SHA-256.
 
     An http(s) archive is downloaded into `cache_dir/unverified/` unless an
@@ -475,7 +498,7 @@ def _unverified_archive(url: str, cache_dir: Path) -> tuple[str, str]:
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
-        local = _download_unverified(url, cache_dir / UNVERIFIED_DIR)
+        local = _download_unverified(url, cache_dir / UNVERIFIED_DIR, limits)
     elif scheme == "file":
         local = Path(urllib.request.url2pathname(parts.path))
     elif len(scheme) <= 1:  # no scheme, or a Windows drive such as C:
@@ -498,7 +521,12 @@ def _unverified_archive(url: str, cache_dir: Path) -> tuple[str, str]:
     return local.resolve().as_uri(), actual
 
 
-def fetch_archive(url: str, sha256: str | None, cache_dir: Path) -> Path:
+def fetch_archive(
+    url: str,
+    sha256: str | None,
+    cache_dir: Path,
+    limits: archives.DownloadLimits | None = None,
+) -> Path:
     """Return the local path of the archive at `url` after checking its SHA-256.
 
     Args:
@@ -507,14 +535,18 @@ def fetch_archive(url: str, sha256: str | None, cache_dir: Path) -> Path:
             log its hash (config validation allows None only together with
             dataset.allow_unverified).
         cache_dir: Folder that keeps downloaded archives between runs.
+        limits: Deadline and minimum rate of an http(s) download; None uses
+            the defaults of archives.DownloadLimits.
 
     Raises:
-        InputError: If the download fails or the hash does not match.
+        InputError: If the download fails, passes a limit, or the hash does
+            not match.
     """
+    limits = limits or archives.DownloadLimits()
     if sha256 is None:
-        url, sha256 = _unverified_archive(url, cache_dir)
+        url, sha256 = _unverified_archive(url, cache_dir, limits)
     try:
-        return archives.fetch(url, sha256, cache_dir)
+        return archives.fetch(url, sha256, cache_dir, limits=limits)
     except archives.ArchiveError as error:
         raise InputError(str(error)) from error
 
@@ -565,7 +597,10 @@ def export_archive(dataset: DatasetConfig, target: Path) -> Counter[str]:
             has no class folders.
     """
     archive = fetch_archive(
-        dataset.url, dataset.sha256, Path(dataset.cache_dir).expanduser()
+        dataset.url,
+        dataset.sha256,
+        Path(dataset.cache_dir).expanduser(),
+        download_limits(dataset),
     )
     # The scratch folder's name starts with target's name, so the stale-folder
     # cleanup of fsutil.atomic_dir also removes one that a killed run left.

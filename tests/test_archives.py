@@ -1,8 +1,8 @@
 """Tests of stages.archives against a real HTTP server on 127.0.0.1.
 
 The server serves archives generated under tmp_path and can drop connections,
-return HTTP 500, stall, or ignore Range requests, so retries and resumes run over
-real sockets.
+return HTTP 500, stall, send one byte at a time, or ignore Range requests, so
+retries, resumes and download limits run over real sockets.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import struct
 import tarfile
 import threading
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from stages.archives import ArchiveError, extract, fetch
+from stages.archives import (
+    ArchiveError,
+    DownloadLimits,
+    DownloadTooSlowError,
+    extract,
+    fetch,
+)
 
 BACKOFF = 0.01
 FILES = {
@@ -52,6 +59,7 @@ class Route:
     num_failures: int = 0
     stall_seconds: float = 0.0
     num_stalls: int = 0
+    drip_seconds: float = 0.0  # > 0: send the body one byte per interval
 
 
 @dataclass
@@ -98,7 +106,20 @@ class ArchiveHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(size - start))
         self.end_headers()
         body = route.body[start:]
+        if route.drip_seconds:
+            self._drip(body, route.drip_seconds)
+            return
         self.wfile.write(body[: route.drop_after] if drop else body)
+
+    def _drip(self, body: bytes, interval: float) -> None:
+        """Send `body` one byte per `interval` until done or the client leaves."""
+        for index in range(len(body)):
+            try:
+                self.wfile.write(body[index : index + 1])
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(interval)
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -177,6 +198,15 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
 
 def write_zip(path: Path, files: dict[str, bytes]) -> Path:
     path.write_bytes(zip_bytes(files))
+    return path
+
+
+def write_zip_members(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """Write a zip of `(name, data)` members, where names may repeat."""
+    with zipfile.ZipFile(path, "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name"
+        for name, data in members:
+            archive.writestr(name, data)
     return path
 
 
@@ -351,6 +381,83 @@ def test_fetch_timeout_retried(
 
     assert path.read_bytes() == archive_data
     assert len(server.ranges_for("/shapes.zip")) == 2
+
+
+def test_fetch_slow_drip_passes_deadline(
+    server: Server, archive_data: bytes, tmp_path: Path
+) -> None:
+    url = server.add("/shapes.zip", archive_data, drip_seconds=0.05)
+    limits = DownloadLimits(max_seconds=0.5, min_rate=0)
+    started = time.monotonic()
+
+    with pytest.raises(DownloadTooSlowError) as error:
+        fetch(url, sha256_of(archive_data), tmp_path, backoff=BACKOFF, limits=limits)
+
+    message = str(error.value)
+    assert time.monotonic() - started < 2.0
+    assert url in message
+    assert "dataset.max_download_seconds=0.5 seconds" in message
+    assert str(tmp_path / "shapes.zip.part") in message
+    assert (tmp_path / "shapes.zip.part").stat().st_size > 0
+    assert len(server.ranges_for("/shapes.zip")) == 1
+
+
+def test_fetch_slow_drip_below_min_rate(
+    server: Server, archive_data: bytes, tmp_path: Path
+) -> None:
+    url = server.add("/shapes.zip", archive_data, drip_seconds=0.05)
+    limits = DownloadLimits(min_rate=1000, rate_window=0.3)
+    started = time.monotonic()
+
+    with pytest.raises(DownloadTooSlowError) as error:
+        fetch(url, sha256_of(archive_data), tmp_path, backoff=BACKOFF, limits=limits)
+
+    message = str(error.value)
+    assert time.monotonic() - started < 2.0
+    assert url in message
+    assert "below dataset.min_download_rate=1000 bytes per second" in message
+    assert "dataset.download_rate_window" in message
+    assert len(server.ranges_for("/shapes.zip")) == 1
+
+
+def test_fetch_deadline_cuts_retry_waits(
+    server: Server, archive_data: bytes, tmp_path: Path
+) -> None:
+    url = server.add("/shapes.zip", archive_data, num_failures=10)
+    limits = DownloadLimits(max_seconds=0.5)
+    started = time.monotonic()
+
+    with pytest.raises(DownloadTooSlowError) as error:
+        fetch(url, sha256_of(archive_data), tmp_path, backoff=1.0, limits=limits)
+
+    assert time.monotonic() - started < 1.0
+    assert "HTTP 500" in str(error.value)
+    assert "dataset.max_download_seconds=0.5" in str(error.value)
+    assert len(server.ranges_for("/shapes.zip")) == 1
+
+
+def test_fetch_limit_error_masks_token(
+    server: Server, archive_data: bytes, tmp_path: Path
+) -> None:
+    url = server.add("/shapes.zip?token=s3cret-value", archive_data, drip_seconds=0.05)
+    limits = DownloadLimits(max_seconds=0.3, min_rate=0)
+
+    with pytest.raises(DownloadTooSlowError) as error:
+        fetch(url, sha256_of(archive_data), tmp_path, backoff=BACKOFF, limits=limits)
+
+    assert "s3cret-value" not in str(error.value)
+    assert "/shapes.zip?token=***" in str(error.value)
+
+
+def test_fetch_fast_download_within_limits(
+    server: Server, archive_data: bytes, tmp_path: Path
+) -> None:
+    url = server.add("/shapes.zip", archive_data)
+    limits = DownloadLimits(max_seconds=30, min_rate=1000, rate_window=0.001)
+
+    path = fetch(url, sha256_of(archive_data), tmp_path, backoff=BACKOFF, limits=limits)
+
+    assert path.read_bytes() == archive_data
 
 
 def test_fetch_not_found_fails_fast(server: Server, tmp_path: Path) -> None:
@@ -548,6 +655,51 @@ UNSAFE_CASES = {
     "tar_fifo": UnsafeCase(
         lambda path: write_tar(path, [tar_header("pipe", tarfile.FIFOTYPE)]), "pipe"
     ),
+    "tar_duplicate_member": UnsafeCase(
+        lambda path: write_tar(path, [("cats/a.png", b"1"), ("cats/a.png", b"2")]),
+        "cats/a.png",
+    ),
+    "zip_duplicate_member": UnsafeCase(
+        lambda path: write_zip_members(
+            path, [("cats/a.png", b"1"), ("cats/a.png", b"2")]
+        ),
+        "cats/a.png",
+    ),
+    "tar_duplicate_after_normalising": UnsafeCase(
+        lambda path: write_tar(path, [("cats/a.png", b"1"), ("./cats//a.png", b"2")]),
+        "./cats//a.png",
+    ),
+    "zip_duplicate_backslash": UnsafeCase(
+        lambda path: write_zip_members(
+            path, [("cats/a.png", b"1"), ("cats\\a.png", b"2")]
+        ),
+        "cats\\a.png",
+    ),
+    "tar_hardlink_over_file": UnsafeCase(
+        lambda path: write_tar(
+            path,
+            [
+                ("cats/a.png", b"1"),
+                ("cats/b.png", b"2"),
+                tar_header("cats/a.png", tarfile.LNKTYPE, "cats/b.png"),
+            ],
+        ),
+        "cats/a.png",
+    ),
+    "tar_file_inside_file": UnsafeCase(
+        lambda path: write_tar(path, [("cats", b"1"), ("cats/a.png", b"2")]),
+        "cats/a.png",
+    ),
+    "zip_file_over_folder": UnsafeCase(
+        lambda path: write_zip_members(path, [("cats/a.png", b"1"), ("cats", b"2")]),
+        "cats",
+    ),
+    "tar_folder_over_file": UnsafeCase(
+        lambda path: write_tar(
+            path, [("cats", b"1"), tar_header("cats/", tarfile.DIRTYPE)]
+        ),
+        "cats",  # tarfile drops the trailing slash of folder names
+    ),
     "tar_too_many_members": UnsafeCase(
         lambda path: write_tar(path, [(f"file_{i}.txt", b"x") for i in range(5)]),
         "file_3.txt",
@@ -596,6 +748,35 @@ def test_extract_skips_internal_symlink_and_macosx(tmp_path: Path) -> None:
     assert read_tree(target) == {"cats/cat_0.png": b"cat"}
     assert not (target / "cats" / "alias.png").is_symlink()
     assert not (target / "__MACOSX").exists()
+
+
+def test_extract_repeated_folder_accepted(tmp_path: Path) -> None:
+    members = [
+        tar_header("cats/", tarfile.DIRTYPE),
+        ("cats/a.png", b"cat"),
+        tar_header("./cats", tarfile.DIRTYPE),
+    ]
+    archive = write_tar(tmp_path / "data.tar", members)
+    target = tmp_path / "raw"
+
+    num_files = extract(archive, target, max_bytes=10_000, max_members=10)
+
+    assert num_files == 1
+    assert read_tree(target) == {"cats/a.png": b"cat"}
+
+
+def test_extract_duplicate_names_both_members(tmp_path: Path) -> None:
+    members = [("cats/a.png", b"first"), ("dogs/b.png", b"dog"), ("cats/a.png", b"x")]
+    archive = write_tar(tmp_path / "data.tar", members)
+
+    with pytest.raises(ArchiveError) as error:
+        extract(archive, tmp_path / "raw", max_bytes=10_000, max_members=10)
+
+    message = str(error.value)
+    assert "'cats/a.png' has the same path as the earlier file 'cats/a.png'" in (
+        message
+    )
+    assert "each path appears once" in message
 
 
 def test_extract_internal_hardlink_copied(tmp_path: Path) -> None:

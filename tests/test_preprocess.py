@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,7 @@ from stages.download import download
 from stages.preprocess import preprocess
 from stages.shards import load_images
 from tests.conftest import make_image_folder
+from tests.services import clean_env
 
 
 @pytest.fixture
@@ -128,3 +134,43 @@ def test_preprocess_rejects_single_class(project: Path, tmp_path: Path) -> None:
     download(["dataset=folder", f"dataset.path={source}"])
     with pytest.raises(InputError, match="one class only"):
         preprocess([])
+
+
+def test_preprocess_concurrent_run_stopped(project: Path) -> None:
+    make_image_folder(project / "data/raw", {"cat": 150, "dog": 150})
+    command = [sys.executable, "-m", "stages.preprocess", "preprocess.workers=1"]
+    first = subprocess.Popen(
+        command,
+        cwd=project,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    tmp = project / "data" / f".processed.tmp-{first.pid}"
+    deadline = time.monotonic() + 60
+    try:
+        # Pause the first run while it writes, so the second starts mid-write.
+        while not tmp.exists():
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first run never wrote"
+            time.sleep(0.002)
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run(
+            command, cwd=project, env=clean_env(), capture_output=True, text=True
+        )
+        tmp_kept = tmp.is_dir()
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    first_errors = first.communicate(timeout=60)[1]
+
+    assert second.returncode == 1, second.stderr
+    assert f"data/processed is being written by process {first.pid}" in second.stderr
+    assert "holds the lock data/.processed.lock" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert tmp_kept
+    assert first.returncode == 0, first_errors
+    index = pd.read_csv(project / "data/processed/index.csv")
+    assert len(index) == 300
+    assert not tmp.exists()
+    assert not (project / "data/.processed.lock").exists()

@@ -12,6 +12,7 @@ import io
 import logging
 import tarfile
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 @dataclass
 class ServerState:
     routes: dict[str, bytes] = field(default_factory=dict)
+    # Seconds between bytes for the paths that send their body one byte at a time.
+    drips: dict[str, float] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -49,13 +52,23 @@ class RouteHandler(http.server.BaseHTTPRequestHandler):
         with state.lock:
             state.requests.append(self.path)
             body = state.routes.get(self.path)
+            drip = state.drips.get(self.path, 0.0)
         if body is None:
             self.send_error(404)
             return
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not drip:
+            self.wfile.write(body)
+            return
+        for index in range(len(body)):
+            try:
+                self.wfile.write(body[index : index + 1])
+                self.wfile.flush()
+            except OSError:
+                return  # the client gave up
+            time.sleep(drip)
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -66,8 +79,10 @@ class Server:
     base_url: str
     state: ServerState
 
-    def add(self, path: str, body: bytes) -> str:
+    def add(self, path: str, body: bytes, drip_seconds: float = 0.0) -> str:
         self.state.routes[path] = body
+        if drip_seconds:
+            self.state.drips[path] = drip_seconds
         return self.base_url + path
 
 
@@ -471,6 +486,94 @@ def test_download_archive_not_found(project: Path, server: Server) -> None:
         download(archive_overrides(url, "a" * 64))
 
 
+def test_download_archive_slow_server_deadline(
+    project: Path, tmp_path: Path, server: Server
+) -> None:
+    data = tgz_bytes(image_files(tmp_path / "src", {"cat": 2, "dog": 2}))
+    url = server.add("/pets.tgz", data, drip_seconds=0.05)
+    overrides = archive_overrides(
+        url,
+        sha256_of(data),
+        "dataset.max_download_seconds=0.5",
+        "dataset.min_download_rate=0",
+    )
+    started = time.monotonic()
+
+    with pytest.raises(InputError) as error:
+        download(overrides)
+
+    message = str(error.value)
+    assert time.monotonic() - started < 3.0
+    assert f"Download of {url} did not finish" in message
+    assert "raise dataset.max_download_seconds" in message
+    assert not (project / "data/raw").exists()
+    assert (project / ".dvc/tmp/downloads/pets.tgz.part").is_file()
+
+
+def test_download_unverified_slow_server_rate(
+    project: Path, tmp_path: Path, server: Server
+) -> None:
+    data = tgz_bytes(image_files(tmp_path / "src", {"cat": 2, "dog": 2}))
+    url = server.add("/pets.tgz", data, drip_seconds=0.05)
+    overrides = [
+        "dataset=archive",
+        f"dataset.url={url}",
+        "dataset.allow_unverified=true",
+        "dataset.download_rate_window=0.3",
+    ]
+    started = time.monotonic()
+
+    with pytest.raises(InputError) as error:
+        download(overrides)
+
+    message = str(error.value)
+    assert time.monotonic() - started < 3.0
+    assert f"Download of {url} is too slow" in message
+    assert "below dataset.min_download_rate=1024 bytes per second" in message
+    assert list((project / ".dvc/tmp/downloads/unverified").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("userinfo", "secret"),
+    [
+        ("reader:pa55word", "pa55word"),
+        ("ghp_Pa55wordToken", "Pa55word"),
+    ],
+)
+def test_download_archive_url_credentials_rejected(
+    project: Path, server: Server, userinfo: str, secret: str
+) -> None:
+    url = server.add("/pets.tgz", b"never sent")
+    with_credentials = url.replace("http://", f"http://{userinfo}@")
+
+    with pytest.raises(ConfigError) as error:
+        download(archive_overrides(with_credentials, "a" * 64))
+
+    message = str(error.value)
+    assert "dataset.url: contains a user name or password" in message
+    assert f"({server.base_url.replace('http://', 'http://***@')}/pets.tgz)" in (
+        message
+    )
+    assert secret not in message
+    assert "set dataset.url to the path of the downloaded file" in message
+    assert server.state.requests == []
+
+
+def test_download_archive_url_invalid_port_hidden(project: Path) -> None:
+    # A '/' in a password ends the host part early, leaving 'reader:pa' as
+    # host and port.
+    url = "http://reader:pa/55word@127.0.0.1:9/pets.tgz"
+
+    with pytest.raises(ConfigError) as error:
+        load_params(["dataset"], archive_overrides(url, "a" * 64))
+
+    problems = str(error.value).split("\n")[1:]
+    assert problems == [
+        "  - dataset.url: invalid host part; expected http(s)://HOST[:PORT]/PATH "
+        "with a numeric port, or a local path"
+    ]
+
+
 def test_download_archive_cache_inside_raw(project: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="dataset.cache_dir data/raw/cache is inside"):
         download(
@@ -581,6 +684,18 @@ def test_config_flowers_option_valid(project: Path) -> None:
             "dataset.url: used only when dataset.source is 'archive'",
         ),
         (["dataset=flowers", "dataset.max_members=0"], "must be at least 1"),
+        (
+            ["dataset=flowers", "dataset.max_download_seconds=0"],
+            "dataset.max_download_seconds: invalid value 0; must be greater than 0",
+        ),
+        (
+            ["dataset=flowers", "dataset.min_download_rate=-1"],
+            "dataset.min_download_rate: invalid value -1; must be at least 0",
+        ),
+        (
+            ["dataset=flowers", "dataset.download_rate_window=0"],
+            "dataset.download_rate_window: invalid value 0; must be greater than 0",
+        ),
         (["dataset.source=tar"], "'digits', 'folder', 'table', 'archive'"),
     ],
 )
