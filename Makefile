@@ -38,10 +38,12 @@ SERVER_ARGS ?=
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
+# The lock lists every package, pip itself included, so pip needs no resolving
+# (--no-deps). Modules compile to bytecode when first imported, not all at
+# install time (--no-compile).
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-compile -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -84,7 +86,7 @@ upload: setup ## Copy runs logged locally while the server was unreachable to it
 	python -m stages.upload $(ARGS)
 
 lock: ## Rewrite requirements.lock from the current .venv
-	$(BIN)/python -m pip freeze --exclude-editable > requirements.lock
+	$(BIN)/python -m pip freeze --all --exclude-editable > requirements.lock
 
 clean: ## Remove pipeline outputs (not the MLflow store)
 	rm -rf data/raw data/processed data/split models/model.keras

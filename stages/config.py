@@ -17,6 +17,7 @@ import math
 import os
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +45,11 @@ class DatasetConfig:
     digits needs nothing. folder reads `path` (a folder of class folders).
     table reads `path` (a CSV or Parquet file), `image_column` and
     `label_column`. archive reads `url` (http(s) URL or local path), `sha256`,
-    `allow_unverified`, `subdir`, `cache_dir`, `max_bytes` and `max_members`.
+    `allow_unverified`, `subdir`, `cache_dir`, `max_bytes`, `max_members` and
+    the download limits `max_download_seconds` (whole download, retries
+    included; null for none), `min_download_rate` (bytes per second; 0 turns
+    the check off) and `download_rate_window` (seconds that the rate is
+    averaged over).
     """
 
     name: str
@@ -59,6 +64,9 @@ class DatasetConfig:
     cache_dir: str = ".dvc/tmp/downloads"
     max_bytes: int = field(default=10 * 1024**3, **_bounds(min=1))
     max_members: int = field(default=1_000_000, **_bounds(min=1))
+    max_download_seconds: float | None = field(default=None, **_bounds(above=0))
+    min_download_rate: int = field(default=1024, **_bounds(min=0))
+    download_rate_window: float = field(default=60.0, **_bounds(above=0))
 
 
 @dataclass(frozen=True)
@@ -182,7 +190,6 @@ class TrainConfig:
     )
     seed: int = 42
     deterministic: bool = False
-    shuffle_buffer: int = field(default=10_000, **_bounds(min=1))
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
     jit_compile: bool = False
@@ -205,6 +212,10 @@ def _nested(schema: type, values: dict[str, Any]) -> Any:
 class EvaluateConfig:
     batch_size: int = field(default=256, **_bounds(min=1))
     top_k: int = field(default=3, **_bounds(min=1))
+
+
+# Length of the name column of MLflow's registered_models table (mlflow 3.17.2).
+MAX_REGISTERED_MODEL_NAME = 256
 
 
 @dataclass(frozen=True)
@@ -395,6 +406,8 @@ def _validate_archive_keys(dataset: dict[str, Any]) -> list[str]:
             "dataset.url: required when dataset.source is 'archive'; set "
             "dataset.url=https://example.com/images.tgz or a local path"
         )
+    elif isinstance(url, str) and url != MISSING:
+        problems += _validate_archive_url(url)
     if dataset.get("path") not in (None, MISSING):
         problems.append(
             "dataset.path: not used when dataset.source is 'archive'; give the "
@@ -417,6 +430,33 @@ def _validate_archive_keys(dataset: dict[str, Any]) -> list[str]:
             "folder path inside the archive, e.g. dataset.subdir=flower_photos"
         )
     return problems
+
+
+def _validate_archive_url(url: str) -> list[str]:
+    """Check the host part of dataset.url without echoing a password."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not a number
+    except ValueError:
+        # The value is not shown: a password containing '/' or '#' ends the
+        # host part early and would then be printed in full.
+        return [
+            "dataset.url: invalid host part; expected http(s)://HOST[:PORT]/PATH "
+            "with a numeric port, or a local path"
+        ]
+    if "@" not in parts.netloc:
+        return []
+    # urllib sends no credentials from a URL: it looks up 'user:password@host'
+    # as the host name, so the password would reach the DNS server.
+    host = parts.netloc.rpartition("@")[2]
+    masked_url = f"{parts.scheme}://***@{host}{parts.path}"
+    return [
+        f"dataset.url: contains a user name or password before the host "
+        f"({masked_url}), which downloads do not support and params.yaml would "
+        "keep in git; remove it. For an archive behind a login, download it "
+        "yourself (for example with `curl --netrc -O URL`) and set "
+        "dataset.url to the path of the downloaded file"
+    ]
 
 
 def _is_sha256(text: str) -> bool:
@@ -565,18 +605,55 @@ def _validate_relations(params: dict[str, Any], sections: list[str]) -> list[str
 
 
 def _validate_tracking(tracking: dict[str, Any]) -> list[str]:
-    """Reject a password in tracking.uri: params.yaml is committed to git."""
+    """Check tracking.uri for a password, and tracking.register_model's form and
+    that a model is logged for it."""
+    problems = []
     uri = tracking.get("uri")
-    if not isinstance(uri, str) or "://" not in uri:
-        return []
-    userinfo, at, _ = uri.split("://", 1)[1].partition("/")[0].rpartition("@")
-    if not at or ":" not in userinfo:
-        return []
-    return [
-        "tracking.uri: contains a password, which params.yaml would keep in git; "
-        "remove it from the URI and set MLFLOW_TRACKING_USERNAME and "
-        "MLFLOW_TRACKING_PASSWORD in the environment instead"
-    ]
+    if isinstance(uri, str) and "://" in uri:
+        userinfo, at, _ = uri.split("://", 1)[1].partition("/")[0].rpartition("@")
+        # params.yaml is committed to git.
+        if at and ":" in userinfo:
+            problems.append(
+                "tracking.uri: contains a password, which params.yaml would keep "
+                "in git; remove it from the URI and set MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD in the environment instead"
+            )
+    name = tracking.get("register_model")
+    if isinstance(name, str):
+        problems += _validate_registered_model_name(name)
+        if tracking.get("log_model") is False:
+            problems.append(
+                f"tracking.register_model: {name!r} cannot be registered with "
+                "tracking.log_model=false, which logs no model; set "
+                "tracking.log_model=true or tracking.register_model=null"
+            )
+    return problems
+
+
+def _validate_registered_model_name(name: str) -> list[str]:
+    """Check a registered model name against the rules of MLflow's registry.
+
+    The rules are those of mlflow 3.17.2. Its `_validate_model_name` in
+    mlflow/utils/validation.py requires a name that is not blank, has no
+    '/' or ':', and is unchanged by posixpath.normpath, so it is not '.'
+    and does not start with '..'. The file store also rejects '%', and the
+    database store keeps names in a column of 256 characters.
+    """
+    allowed = (
+        f"expected 1 to {MAX_REGISTERED_MODEL_NAME} characters, not all "
+        "spaces, without '/', ':' or '%', not '.' and not starting with '..', "
+        "e.g. tracking.register_model=digits-cnn"
+    )
+    invalid = (
+        not name.strip()
+        or len(name) > MAX_REGISTERED_MODEL_NAME
+        or any(character in name for character in "/:%")
+        or name == "."
+        or name.startswith("..")
+    )
+    if invalid:
+        return [f"tracking.register_model: invalid value {name!r}; {allowed}"]
+    return []
 
 
 def validate(params: dict[str, Any], sections: list[str], source: str) -> Params:

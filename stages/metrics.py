@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import math
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from stages.fsutil import atomic_file
+
+# Class names on axes and in legends are shortened to this many characters.
+MAX_LABEL_CHARS = 14
+# Font sizes in points for confusion-matrix labels and cell values. In the
+# 100 dpi PNG, 6 pt text is about 8 pixels high.
+MIN_FONT_SIZE = 6.0
+MAX_FONT_SIZE = 10.0
+# Room for one tick label along its axis, as a multiple of its font size.
+# A text box in DejaVu Sans, matplotlib's default font, is 1.0 to 1.08 font
+# sizes high, so the rest is the gap between neighbouring labels.
+LABEL_SPACING = 1.3
+# Cell values are written for up to this many classes, at most this fraction
+# of the label font size, and no wider than this fraction of a cell.
+MAX_ANNOTATED_CLASSES = 30
+ANNOTATION_SCALE = 0.8
+CELL_FILL = 0.9
 
 
 def summary_metrics(
@@ -74,61 +92,157 @@ def most_confused(counts: pd.DataFrame, limit: int = 10) -> pd.DataFrame:
     return errors.sort_values("count", ascending=False, kind="stable").head(limit)
 
 
-def shorten(name: str, width: int = 14) -> str:
-    """Shorten a label for an axis, keeping its start and end."""
+def shorten(name: str, width: int = MAX_LABEL_CHARS) -> str:
+    """Shorten a label for an axis, keeping its start and end.
+
+    The name is first put in Unicode normal form NFC, so an accented letter
+    typed as a letter and a combining mark counts as one character.
+    """
+    name = unicodedata.normalize("NFC", name)
     if len(name) <= width:
         return name
     half = (width - 1) // 2
     return f"{name[:half]}…{name[-(width - 1 - half) :]}"
 
 
-def _draw_matrix(
-    ax, values: np.ndarray, labels: list[str], title: str, fmt: str
+def text_width(text: str, font_size: float) -> float:
+    """Return the width in points of `text` in matplotlib's default font."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    width, _, _ = TextToPath().get_text_width_height_descent(
+        text, FontProperties(size=font_size), ismath=False
+    )
+    return width
+
+
+def tick_layout(pitch: float) -> tuple[float, int]:
+    """Choose the tick label font size and the step between labelled classes.
+
+    Args:
+        pitch: distance in points between the centres of neighbouring cells.
+
+    Returns:
+        The font size in points, between MIN_FONT_SIZE and MAX_FONT_SIZE,
+        and the step: 1 labels every class, 2 every second class, and so on
+        when even MIN_FONT_SIZE does not fit one label per cell.
+    """
+    font_size = min(MAX_FONT_SIZE, max(MIN_FONT_SIZE, pitch / LABEL_SPACING))
+    # The tolerance keeps rounding error from halving the labels at the limit.
+    step = math.ceil(font_size * LABEL_SPACING / pitch - 1e-9)
+    return font_size, max(step, 1)
+
+
+def _cell_pitch(ax) -> float:
+    """Return the distance in points between neighbouring cells of an image."""
+    ax.apply_aspect()
+    height = ax.get_position().height * ax.figure.get_figheight() * 72
+    bottom, top = ax.get_ylim()
+    return height / abs(bottom - top)
+
+
+def _label_ticks(
+    ax, labels: list[str], font_size: float, step: int, rotation: float | None
 ) -> None:
-    n = len(labels)
-    font = max(3.0, min(10.0, 220.0 / max(n, 1)))
-    image = ax.imshow(values, cmap="Blues", vmin=0)
-    ax.set_title(title)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ticks = np.arange(n)
-    shown = [shorten(label) for label in labels]
-    ax.set_xticks(ticks, shown, fontsize=font, rotation=90 if n > 8 else 0)
-    ax.set_yticks(ticks, shown, fontsize=font)
-    if n <= 30:
-        threshold = values.max() / 2 if values.size else 0
-        for i in range(n):
-            for j in range(n):
-                color = "white" if values[i, j] > threshold else "black"
-                ax.text(
-                    j,
-                    i,
-                    format(values[i, j], fmt),
-                    ha="center",
-                    va="center",
-                    fontsize=font * 0.8,
-                    color=color,
-                )
-    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    """Label every `step`-th row and column of a matrix image.
+
+    With `rotation` None, the column labels stay horizontal when the widest
+    one fits between its neighbours, and are turned upright otherwise.
+    """
+    ticks = np.arange(0, len(labels), step)
+    tick_labels = [labels[i] for i in ticks]
+    if rotation is None:
+        widths = [text_width(label, font_size) for label in tick_labels]
+        fits = max(widths, default=0) * LABEL_SPACING <= _cell_pitch(ax) * step
+        rotation = 0 if fits else 90
+    ax.set_xticks(ticks, tick_labels, fontsize=font_size, rotation=rotation)
+    ax.set_yticks(ticks, tick_labels, fontsize=font_size)
+    if step > 1:
+        ax.set_xlabel(f"predicted (one label per {step} classes)")
+        ax.set_ylabel(f"true (one label per {step} classes)")
 
 
-def plot_confusion(counts: pd.DataFrame, target: Path) -> None:
-    """Save counts and row-normalised confusion matrices side by side as a PNG.
+def _annotate_cells(ax, values: np.ndarray, fmt: str, font_size: float) -> None:
+    """Write each value in its cell, in a font that fits the cell width.
 
-    Label size, tick rotation and cell annotations adapt to the number of
-    classes, so the picture stays readable from 2 to a few hundred classes.
+    Matrices over MAX_ANNOTATED_CLASSES rows, or whose widest value would
+    need a font under MIN_FONT_SIZE, are left without numbers.
+    """
+    n = len(values)
+    if n > MAX_ANNOTATED_CLASSES or not values.size:
+        return
+    texts = [[format(value, fmt) for value in row] for row in values]
+    widest = max(text_width(text, 1.0) for row in texts for text in row)
+    size = min(ANNOTATION_SCALE * font_size, CELL_FILL * _cell_pitch(ax) / widest)
+    if size < MIN_FONT_SIZE:
+        return
+    threshold = values.max() / 2
+    for i in range(n):
+        for j in range(n):
+            ax.text(
+                j,
+                i,
+                texts[i][j],
+                ha="center",
+                va="center",
+                fontsize=size,
+                color="white" if values[i, j] > threshold else "black",
+                in_layout=False,  # inside its cell, so tight_layout can skip it
+            )
+
+
+def confusion_figure(counts: pd.DataFrame):
+    """Draw counts and row-normalised confusion matrices side by side.
+
+    Tick labels are shortened to MAX_LABEL_CHARS characters. Their font size
+    and the rotation of the column labels follow the cell size, so that
+    neighbouring labels do not overlap and no font is under MIN_FONT_SIZE.
+    The figure stops growing at 30 inches high, so from about 250 classes
+    only every second (or third, and so on) class gets a label.
+
+    NOTE: DejaVu Sans, matplotlib's default font, has no Chinese, Japanese or
+    Devanagari glyphs, so such class names show as empty boxes.
+
+    Returns:
+        The matplotlib figure, which the caller closes.
     """
     plt = _pyplot()
     values = counts.to_numpy()
     totals = values.sum(axis=1, keepdims=True)
     normalised = np.divide(values, totals, out=np.zeros(values.shape), where=totals > 0)
-    side = min(30.0, max(5.0, 0.25 * len(counts) + 3))
+    panels = (
+        (values, "Confusion matrix (counts)", "d"),
+        (normalised, "Normalised by true class", ".2f"),
+    )
+    labels = [shorten(str(name)) for name in counts.index]
+    side = min(30.0, max(5.0, 0.25 * len(labels) + 3))
     fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
-    labels = [str(c) for c in counts.index]
-    _draw_matrix(axes[0], values, labels, "Confusion matrix (counts)", "d")
-    _draw_matrix(axes[1], normalised, labels, "Normalised by true class", ".2f")
+    for ax, (matrix, title, _) in zip(axes, panels, strict=True):
+        image = ax.imshow(matrix, cmap="Blues", vmin=0)
+        ax.set_title(title)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        # The largest labels, upright, leave the least room for the cells.
+        _label_ticks(ax, labels, MAX_FONT_SIZE, step=1, rotation=90)
+
+    # Size the labels to the cells of this layout. Smaller labels only give
+    # the cells more room in the final layout, so the labels still fit there.
     fig.tight_layout()
-    _save(fig, target)
+    for ax, (matrix, _, fmt) in zip(axes, panels, strict=True):
+        font_size, step = tick_layout(_cell_pitch(ax))
+        _label_ticks(ax, labels, font_size, step, rotation=None)
+        _annotate_cells(ax, matrix, fmt, font_size)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(counts: pd.DataFrame, target: Path) -> None:
+    """Save counts and row-normalised confusion matrices side by side as a PNG.
+
+    See `confusion_figure` for how the labels adapt to the number of classes.
+    """
+    _save(confusion_figure(counts), target)
 
 
 def normalised_confusion(counts: pd.DataFrame) -> pd.DataFrame:

@@ -13,16 +13,15 @@ Secrets in URIs, params, tags and log lines are masked (stages.redaction).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
 import subprocess
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from stages.config import TrackingConfig, find_root
@@ -376,14 +375,32 @@ def model_requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("tensorflow", "keras", "numpy")]
 
 
-def log_keras_model(model, example, registered_name: str | None = None) -> None:
-    """Log a Keras model with its signature, and an input example next to it.
+def _save_keras_model(path: str, **kwargs: Any) -> None:
+    """Save an MLflow Keras model into `path`, creating the folder first.
 
+    NOTE: mlflow 3.17.2's mlflow.keras.save_model writes input_example.json
+    into `path` before anything creates that folder (mlflow/keras/save.py
+    calls `_save_example` before `os.makedirs(data_path)`), so
+    mlflow.keras.log_model fails with FileNotFoundError when given an input
+    example. Should a later mlflow create the folder itself, `exist_ok`
+    keeps this step harmless.
+    """
+    import mlflow
+
+    os.makedirs(path, exist_ok=True)
+    mlflow.keras.save_model(path=path, **kwargs)
+
+
+def log_keras_model(model, example, registered_name: str | None = None) -> None:
+    """Log a Keras model named `model` with its signature and input example.
+
+    The example is stored in the model folder (input_example.json, named in
+    the MLmodel file), so `mlflow.models.Model.load_input_example` reads it.
     With `registered_name`, the model is also registered in the Model Registry;
     for a run kept in the local store (stages.offline), at its upload.
     """
     import mlflow
-    from mlflow.models import infer_signature
+    from mlflow.models import Model, infer_signature
 
     from stages import offline
 
@@ -398,19 +415,20 @@ def log_keras_model(model, example, registered_name: str | None = None) -> None:
         mlflow.set_tag(offline.TAG_REGISTER_MODEL, registered_name)
         registered_name = None
     signature = infer_signature(example, model.predict(example, verbose=0))
-    # NOTE: mlflow 3.17.2's Keras flavour writes input_example.json before it
-    # creates the model folder and fails, so the example is a run artifact.
-    mlflow.keras.log_model(
-        model,
+    # mlflow.keras.log_model is this call with flavor=mlflow.keras. Model.log
+    # only calls `flavor.save_model`, so a flavour object whose save_model
+    # creates the model folder first can take the input example.
+    Model.log(
+        artifact_path=None,  # required by the signature, deprecated for `name`
         name="model",
+        flavor=SimpleNamespace(save_model=_save_keras_model),
+        flavor_name=mlflow.keras.__name__,
+        model=model,
         signature=signature,
+        input_example=example,
         registered_model_name=registered_name,
         pip_requirements=model_requirements(),
     )
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder, "input_example.json")
-        path.write_text(json.dumps({"inputs": example.tolist()}), encoding="utf-8")
-        mlflow.log_artifact(str(path), artifact_path="model_input")
 
 
 @contextmanager
@@ -434,3 +452,25 @@ def run_status(run_id: str) -> Iterator[None]:
         log.error("MLflow run %s marked FAILED: %s", run_id, message)
         raise
     mlflow.end_run("FINISHED")
+
+
+def close_abandoned_run(run_id: str, reason: str) -> None:
+    """Mark run `run_id` KILLED if it is still RUNNING, with `reason` in its tags.
+
+    A process killed mid-training leaves its run RUNNING. When the next run
+    cannot resume its checkpoint (other settings or data), nothing will ever
+    end that run, so it is ended here.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.tracking.MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
+        client.set_tag(run_id, "error", f"killed; {reason}")
+        client.set_terminated(run_id, "KILLED")
+    except MlflowException as error:
+        log.warning("Could not end the abandoned MLflow run %s: %s", run_id, error)
+        return
+    log.info("Marked the abandoned MLflow run %s KILLED: %s", run_id, reason)

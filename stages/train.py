@@ -378,10 +378,12 @@ def _save_outputs(params: Params, model, history, outputs: dict, example) -> Non
     from stages.tracking import log_keras_model
 
     inference = inference_model(model)
-    with atomic_file(outputs["model"]) as tmp:
-        inference.save(tmp)
+    # Logged first: if MLflow fails, models/ keeps the model that the metrics
+    # files still describe.
     if params.tracking.log_model:
         log_keras_model(inference, example, params.tracking.register_model)
+    with atomic_file(outputs["model"]) as tmp:
+        inference.save(tmp)
     with atomic_file(outputs["history"]) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
 
@@ -406,6 +408,12 @@ def _load_data(processed_dir: Path, split_dir: Path, train_cfg):
             f"{split_dir / 'val.csv'} is empty, so train.early_stopping.monitor="
             f"{stopping.monitor} has no values; raise split.val or monitor "
             "train_loss"
+        )
+    if not len(data["val"][0]):
+        log.warning(
+            "%s is empty: training without validation, so no val_* metrics; "
+            "raise split.val to validate",
+            split_dir / "val.csv",
         )
     log.info(
         "Streaming %d train and %d val images of shape %s from the shards, %d classes",
@@ -473,11 +481,17 @@ def _train_in_run(session, model, state, tags, outputs, processed_dir) -> dict:
     """Fit inside an MLflow run (new or resumed) and write every output."""
     import mlflow
 
+    from stages import tracking
     from stages.tracking import run_status
 
     params = session.params
+    abandoned = session.store.abandoned_run_id or (state.run_id if state else None)
     run, state = _open_run(params, state, tags, session.split_dir, processed_dir)
     session.run_id = run.info.run_id
+    if abandoned and abandoned != run.info.run_id:
+        tracking.close_abandoned_run(
+            abandoned, f"run {run.info.run_id} replaced its unfinished checkpoint"
+        )
     log.info("MLflow run %s%s", run.info.run_id, " (resumed)" if state else "")
     with run_status(run.info.run_id):
         metrics, history = fit(session, model, state)
@@ -487,11 +501,8 @@ def _train_in_run(session, model, state, tags, outputs, processed_dir) -> dict:
         mlflow.log_metric("train_seconds", metrics["train_seconds"])
         write_json(outputs["metrics"], metrics)
         session.store.mark_complete(run.info.run_id, metrics["epochs"])
-    log.info(
-        "Saved %s; val_accuracy %.4f",
-        outputs["model"],
-        metrics.get("val_accuracy", float("nan")),
-    )
+    key = "val_accuracy" if "val_accuracy" in metrics else "train_accuracy"
+    log.info("Saved %s; %s %.4f", outputs["model"], key, metrics.get(key, float("nan")))
     return metrics
 
 

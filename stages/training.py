@@ -335,6 +335,8 @@ class CheckpointStore:
     def __init__(self, folder: Path, fingerprint: dict[str, str]) -> None:
         self.folder = Path(folder)
         self.fingerprint = fingerprint
+        # MLflow run of an unfinished checkpoint that load() could not resume.
+        self.abandoned_run_id: str | None = None
 
     def weights_file(self, epoch: int) -> Path:
         """Return the weights file of `epoch`'s checkpoint."""
@@ -353,6 +355,8 @@ class CheckpointStore:
 
         made_for = saved.get("fingerprint") or {}
         changed = [k for k, v in self.fingerprint.items() if made_for.get(k) != v]
+        run_id = (saved.get("state") or {}).get("run_id")
+        self.abandoned_run_id = run_id if isinstance(run_id, str) else None
         if changed:
             log.info(
                 "Checkpoint in %s was made for other %s; starting fresh",
@@ -374,6 +378,7 @@ class CheckpointStore:
         if missing:
             log.warning("Checkpoint files %s are missing; starting fresh", missing)
             return None
+        self.abandoned_run_id = None
         return state
 
     def _read(self) -> dict[str, Any] | None:

@@ -48,11 +48,11 @@ def copy_project(source: Path, target: Path) -> Path:
     return target
 
 
-def start_training(project: Path) -> subprocess.Popen:
+def start_training(project: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(MLFLOW_DISABLE_TELEMETRY="true", TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.Popen(
-        [sys.executable, "-m", "stages.train", *ARGS],
+        [sys.executable, "-m", "stages.train", *ARGS, *extra],
         cwd=project,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -129,6 +129,31 @@ def test_resume_after_kill_matches_whole_run(
         assert np.array_equal(resumed_array, whole_array)
     whole_metrics = json.loads((whole / "metrics/train.json").read_text())
     assert metrics["val_loss"] == whole_metrics["val_loss"]
+
+
+def test_run_with_other_settings_ends_the_killed_run(
+    digits_project: Path, tmp_path: Path
+) -> None:
+    project = copy_project(digits_project, tmp_path / "project")
+    victim = start_training(project)
+    try:
+        killed_run = kill_after_first_checkpoint(victim, project)["state"]["run_id"]
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    client = client_for(project)
+    assert client.get_run(killed_run).info.status == "RUNNING"
+
+    other = start_training(project, "train.epochs=1")
+    assert other.wait(timeout=300) == 0, (project / "train.log").read_text()
+
+    new_run = json.loads((project / "metrics/train.json").read_text())["mlflow_run_id"]
+    assert new_run != killed_run
+    ended = client.get_run(killed_run)
+    assert ended.info.status == "KILLED"
+    reason = f"run {new_run} replaced its unfinished checkpoint"
+    assert reason in ended.data.tags["error"]
+    assert client.get_run(new_run).info.status == "FINISHED"
 
 
 def tiny_model():

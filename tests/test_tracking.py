@@ -1,16 +1,17 @@
-"""MLflow helpers: store location, parameter flattening, key safety, run status."""
+"""MLflow helpers: store location, parameters, key safety, run status, models."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from stages import tracking
-from stages.config import TrackingConfig
+from stages.config import ConfigError, TrackingConfig, load_params, validate
 
 
 def test_tracking_uri_default_at_project_root(project: Path) -> None:
@@ -89,3 +90,132 @@ def test_default_store_puts_artifacts_at_root(project: Path) -> None:
     experiment_id = tracking.use_experiment(TrackingConfig(experiment_name="where"))
     location = mlflow.get_experiment(experiment_id).artifact_location
     assert location == (project / "mlartifacts").as_uri()
+
+
+# Names that MLflow's registry accepts or rejects, and edge cases of the
+# config rule that mirrors it.
+REGISTERED_MODEL_NAMES = [
+    "digits-cnn",
+    "Digits CNN v2.1_β",
+    " padded ",
+    ".cnn",
+    "cnn..v2",
+    "cnn.",
+    "a\\b",
+    "a" * 256,
+    "a" * 257,
+    "",
+    "   ",
+    "team/cnn",
+    "cnn:v2",
+    "100%",
+    ".",
+    "..",
+    "..cnn",
+]
+
+
+def test_register_model_name_as_registry(tmp_path: Path) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.model_registry.file_store import (
+        _validate_model_name as file_store_rule,
+    )
+
+    client = MlflowClient(registry_uri=f"sqlite:///{tmp_path / 'registry.db'}")
+    for name in REGISTERED_MODEL_NAMES:
+        try:
+            client.create_registered_model(name)
+            database_accepts = True
+        except MlflowException:
+            database_accepts = False
+        try:
+            file_store_rule(name)
+            file_store_accepts = True
+        except MlflowException:
+            file_store_accepts = False
+        # SQLite ignores the VARCHAR(256) of the name column; PostgreSQL and
+        # MySQL reject longer names.
+        expected = database_accepts and file_store_accepts and len(name) <= 256
+
+        params = {"tracking": {"register_model": name}}
+        try:
+            validate(params, ["tracking"], "params.yaml")
+            config_accepts = True
+        except ConfigError as error:
+            config_accepts = False
+            assert "tracking.register_model: invalid value" in str(error)
+            assert "without '/', ':' or '%'" in str(error)
+
+        assert config_accepts == expected, repr(name)
+
+
+def test_register_model_checked_before_training(project: Path) -> None:
+    overrides = ["tracking.register_model=team/digits-cnn"]
+
+    with pytest.raises(ConfigError) as error:
+        load_params(["model", "augment", "train", "tracking"], overrides)
+
+    assert "tracking.register_model: invalid value 'team/digits-cnn'" in str(
+        error.value
+    )
+
+
+def test_register_model_needs_a_logged_model(project: Path) -> None:
+    overrides = ["tracking.register_model=digits-cnn", "tracking.log_model=false"]
+
+    with pytest.raises(ConfigError, match="set tracking.log_model=true"):
+        load_params(["tracking"], overrides)
+
+
+def tiny_classifier():
+    """Return an untrained Keras model for 4x4 grey images and 3 classes."""
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.Input((4, 4, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+
+
+EXAMPLE_IMAGES = np.arange(32, dtype=np.uint8).reshape(2, 4, 4, 1)
+
+
+def test_log_keras_model_keeps_input_example(project: Path) -> None:
+    from mlflow.models import Model
+
+    tracking.use_experiment(TrackingConfig(experiment_name="models"))
+    model = tiny_classifier()
+    with mlflow.start_run() as run:
+        tracking.log_keras_model(model, EXAMPLE_IMAGES)
+    uri = f"runs:/{run.info.run_id}/model"
+
+    logged = Model.load(uri)
+    assert logged.saved_input_example_info["artifact_path"] == "input_example.json"
+    assert logged.saved_input_example_info["type"] == "ndarray"
+    example = logged.load_input_example(uri)
+    assert example.dtype == np.uint8
+    np.testing.assert_array_equal(example, EXAMPLE_IMAGES)
+    assert logged.signature.inputs.inputs[0].shape == (-1, 4, 4, 1)
+
+    probabilities = np.asarray(mlflow.pyfunc.load_model(uri).predict(example))
+    expected = model.predict(EXAMPLE_IMAGES, verbose=0)
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5)
+    assert not MlflowClient().list_artifacts(run.info.run_id, "model_input")
+
+
+def test_log_keras_model_registers_version(project: Path) -> None:
+    from mlflow.models import Model
+
+    tracking.use_experiment(TrackingConfig(experiment_name="models"))
+    with mlflow.start_run() as run:
+        tracking.log_keras_model(tiny_classifier(), EXAMPLE_IMAGES, "tiny-cnn")
+
+    (version,) = MlflowClient().search_model_versions("name = 'tiny-cnn'")
+    assert version.run_id == run.info.run_id
+    uri = f"models:/tiny-cnn/{version.version}"
+    example = Model.load(uri).load_input_example(uri)
+    np.testing.assert_array_equal(example, EXAMPLE_IMAGES)
+    assert np.asarray(mlflow.pyfunc.load_model(uri).predict(example)).shape == (2, 3)

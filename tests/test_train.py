@@ -69,6 +69,19 @@ def test_train_model_loads_with_pyfunc(trained, monkeypatch) -> None:
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
 
 
+def test_train_model_has_input_example(trained) -> None:
+    from mlflow.models import Model
+
+    project, metrics = trained
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    uri = f"runs:/{metrics['mlflow_run_id']}/model"
+    example = Model.load(uri).load_input_example(uri)
+    assert example.shape == (2, 16, 16, 1)
+    assert example.dtype == np.uint8
+    probabilities = np.asarray(mlflow.pyfunc.load_model(uri).predict(example))
+    assert probabilities.shape == (2, 10)
+
+
 def test_train_missing_split(project: Path) -> None:
     from stages.cli import InputError
 
@@ -118,6 +131,23 @@ def test_train_deterministic_runs_match(
         assert first[key] == second[key], key
     histories = [pd.read_csv(tmp_path / name / "history.csv") for name in "ab"]
     pd.testing.assert_frame_equal(*histories)
+
+
+def test_train_without_val_images_logs_no_val_metrics(
+    digits_project: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    monkeypatch.chdir(digits_project)
+    paths = subset(digits_project, tmp_path, 128, 0)
+    metrics = train([*QUICK, "train.epochs=1"], **paths)
+    assert "training without validation" in caplog.text
+    assert not [key for key in metrics if key.startswith("val_")]
+    assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
+    history = pd.read_csv(paths["outputs"]["history"])
+    assert not [column for column in history if column.startswith("val_")]
+    logged = client_for(digits_project).get_run(metrics["mlflow_run_id"]).data
+    assert "train_accuracy" in logged.metrics
+    assert not [key for key in logged.metrics if key.startswith("val_")]
+    assert not [tag for tag in logged.tags if tag.startswith("nonfinite.")]
 
 
 def test_train_schedule_and_loss_options(
@@ -239,7 +269,7 @@ def test_train_schedules_rates() -> None:
 @pytest.mark.parametrize(
     ("section", "values", "expected"),
     [
-        ("train", {"warmup_epochs": 30}, "must be less than train.epochs (30)"),
+        ("train", {"warmup_epochs": 20}, "must be less than train.epochs (20)"),
         ("train", {"optimizer": "rmsprop"}, "one of 'adam', 'sgd', 'adamw'"),
         ("train", {"lr_schedule": "linear"}, "one of 'constant', 'step', 'cosine'"),
         ("train", {"clipnorm": 0}, "train.clipnorm: invalid value 0"),
