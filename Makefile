@@ -11,6 +11,9 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
+# The install compiles no bytecode (see below); Python compiles each module the
+# first time it is imported and caches it, unless this variable forbids that.
+unexport PYTHONDONTWRITEBYTECODE
 
 # Tracking server (docs/team.md). It listens on 127.0.0.1 unless HOST says
 # otherwise, keeps runs in PostgreSQL (this user's role and database DB_NAME,
@@ -38,13 +41,24 @@ SERVER_ARGS ?=
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-# The lock lists every package, pip itself included, so pip needs no resolving
-# (--no-deps). Modules compile to bytecode when first imported, not all at
-# install time (--no-compile).
+# The lock pins every package, pip itself included, so pip resolves nothing
+# (--no-deps). pip goes first; the other packages install in INSTALL_JOBS
+# parallel parts, since one pip process keeps only one core busy. No bytecode
+# is compiled at install time (--no-compile): only the modules that the stages
+# import get compiled, on first use.
+INSTALL_JOBS ?= 3
+PIP_INSTALL = $(BIN)/python -m pip install --quiet --no-deps --no-compile
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-deps --no-compile -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PIP_INSTALL) $$(grep '^pip==' requirements.lock)
+	rm -rf $(VENV)/lock-parts && mkdir $(VENV)/lock-parts
+	awk -v jobs=$(INSTALL_JOBS) -v dir=$(VENV)/lock-parts \
+		'/==/ && !/^pip==/ { print > (dir "/" (n++ % jobs) ".txt") }' requirements.lock
+	pids=""; for part in $(VENV)/lock-parts/*.txt; do \
+		$(PIP_INSTALL) -r $$part & pids="$$pids $$!"; \
+	done; failed=0; for pid in $$pids; do wait $$pid || failed=1; done; \
+	test $$failed = 0
+	$(PIP_INSTALL) --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed ## Create .venv with the pinned dependencies
