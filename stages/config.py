@@ -86,10 +86,15 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
+    """Split fractions and seed. `label_conflicts` decides what happens to
+    identical images filed under different labels: drop them from every
+    split, keep them all, or fail."""
+
     train: float = field(**_bounds(above=0, max=1))
     val: float = field(**_bounds(min=0, max=1))
     test: float = field(**_bounds(above=0, max=1))
     seed: int = 42
+    label_conflicts: Literal["drop", "keep", "fail"] = "drop"
 
 
 # Width multipliers for which Keras publishes ImageNet weights of MobileNetV2.

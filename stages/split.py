@@ -50,6 +50,46 @@ def plot_distribution(table: pd.DataFrame, target: Path) -> None:
     plt.close(fig)
 
 
+def handle_label_conflicts(
+    index: pd.DataFrame, conflicts: pd.DataFrame, policy: str, index_file: Path
+) -> pd.DataFrame:
+    """Apply split.label_conflicts to identical images with different labels.
+
+    Returns:
+        The index rows to split: without the conflicting images under "drop".
+
+    Raises:
+        InputError: under "fail", naming one conflict.
+    """
+    if conflicts.empty:
+        return index
+    first = conflicts[conflicts["sha256"] == conflicts["sha256"].iloc[0]]
+    example = " and ".join(
+        f"{file!r} ({label!r})"
+        for file, label in zip(first["file"], first["label"], strict=True)
+    )
+    groups = conflicts["sha256"].nunique()
+    if policy == "fail":
+        raise InputError(
+            f"{index_file}: {len(conflicts)} images in {groups} groups are "
+            f"identical but labelled differently, e.g. {example}; fix their "
+            "labels, or set split.label_conflicts=drop (leave them out) or keep"
+        )
+    action = "left out of every split" if policy == "drop" else "kept"
+    log.warning(
+        "%d images in %d groups are identical but labelled differently, e.g. %s; "
+        "%s (split.label_conflicts=%s), listed in label_conflicts.csv",
+        len(conflicts),
+        groups,
+        example,
+        action,
+        policy,
+    )
+    if policy == "drop":
+        return index[~index["sha256"].isin(conflicts["sha256"])]
+    return index
+
+
 def split(
     overrides: list[str],
     processed_dir: Path = PROCESSED_DIR,
@@ -73,24 +113,19 @@ def split(
         cfg.seed,
     )
 
-    assigned = assign_splits(index, fractions, cfg.seed)
-    for label, splits in missing_splits(index, assigned, fractions).items():
-        log.warning(
-            "Class '%s' has too few images for every split; none in %s",
-            label,
-            ", ".join(splits),
-        )
     duplicated, conflicts = duplicate_groups(index)
     if duplicated:
         log.warning(
             "%d images are exact duplicates of another; each group shares one split",
             duplicated,
         )
-    if len(conflicts):
+    index = handle_label_conflicts(index, conflicts, cfg.label_conflicts, index_file)
+    assigned = assign_splits(index, fractions, cfg.seed)
+    for label, splits in missing_splits(index, assigned, fractions).items():
         log.warning(
-            "%d images share content with an image of another label; see %s",
-            len(conflicts),
-            output / "label_conflicts.csv",
+            "Class '%s' has too few images for every split; none in %s",
+            label,
+            ", ".join(splits),
         )
 
     counts = {}

@@ -108,3 +108,63 @@ def test_split_reports_class_too_small(caplog) -> None:
     missing = missing_splits(index, assigned, FRACTIONS)
     assert missing == {"pair": ["val"]}
     assert set(assigned[index["label"] == "pair"]) == {"train", "test"}
+
+
+def conflicting_index(folder: Path) -> Path:
+    """Write an index where a/0.png also appears, identical, as b/dup.png."""
+    index = make_index({"a": 30, "b": 30})
+    first = index.iloc[0]
+    extra = [
+        {"file": "b/dup.png", "label": "b", "sha256": first["sha256"]},
+        {"file": "a/copy.png", "label": "a", "sha256": index.iloc[1]["sha256"]},
+    ]
+    index = pd.concat([index, pd.DataFrame(extra)], ignore_index=True)
+    folder.mkdir(parents=True)
+    index.to_csv(folder / "index.csv", index=False)
+    return folder
+
+
+def run_split(project: Path, processed: Path, *overrides: str) -> dict[str, int]:
+    return split(
+        list(overrides),
+        processed_dir=processed,
+        output=project / "out/split",
+        distribution_file=project / "out/distribution.csv",
+        distribution_plot=project / "out/distribution.png",
+    )
+
+
+def manifest_files(project: Path) -> set[str]:
+    return {
+        file
+        for name in ("train", "val", "test")
+        for file in pd.read_csv(project / f"out/split/{name}.csv")["file"]
+    }
+
+
+def test_split_drops_label_conflicts_by_default(project: Path, caplog) -> None:
+    processed = conflicting_index(project / "processed")
+    counts = run_split(project, processed)
+
+    files = manifest_files(project)
+    assert "a/0.png" not in files and "b/dup.png" not in files
+    assert "a/1.png" in files and "a/copy.png" in files
+    assert sum(counts.values()) == 60
+    table = pd.read_csv(project / "out/split/label_conflicts.csv")
+    assert sorted(table["file"]) == ["a/0.png", "b/dup.png"]
+    distribution = pd.read_csv(project / "out/distribution.csv")
+    assert distribution[["train", "val", "test"]].to_numpy().sum() == 60
+    assert "'a/0.png' ('a') and 'b/dup.png' ('b')" in caplog.text
+    assert "left out of every split" in caplog.text
+
+
+def test_split_keeps_or_fails_on_label_conflicts(project: Path) -> None:
+    from stages.cli import InputError
+
+    processed = conflicting_index(project / "processed")
+    counts = run_split(project, processed, "split.label_conflicts=keep")
+    assert sum(counts.values()) == 62
+    assert {"a/0.png", "b/dup.png"} <= manifest_files(project)
+
+    with pytest.raises(InputError, match=r"2 images in 1 groups .* split\.label"):
+        run_split(project, processed, "split.label_conflicts=fail")
