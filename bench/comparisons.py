@@ -104,7 +104,7 @@ def _first(rep: int) -> bool:
     return rep % 2 == 0
 
 
-def run_reference(ctx: Context, learning_rate: float, name: str) -> dict:
+def run_reference(ctx: Context, learning_rate: float, name: str, seed: int) -> dict:
     """Run bench/reference.py in a new process and return its result and time."""
     settings = ctx.settings
     result_file = ctx.log_dir / f"{name}.json"
@@ -119,6 +119,8 @@ def run_reference(ctx: Context, learning_rate: float, name: str) -> dict:
         *map(str, settings.image_size),
         "--learning-rate",
         str(learning_rate),
+        "--seed",
+        str(seed),
         "--output",
         str(result_file),
     ]
@@ -127,10 +129,23 @@ def run_reference(ctx: Context, learning_rate: float, name: str) -> dict:
     return {**result, "process_seconds": timed.seconds}
 
 
-def _overrides(ctx: Context, learning_rate: float = DEFAULT_LEARNING_RATE):
+def rep_seed(rep: int) -> int:
+    """Return the seed of repetition `rep`, the same for both contenders.
+
+    Each repetition draws another split and initialisation, so the medians
+    of val accuracy compare the recipes rather than one lucky seed.
+    """
+    return 1000 + rep
+
+
+def _overrides(ctx: Context, rep: int, learning_rate: float = DEFAULT_LEARNING_RATE):
     settings = ctx.settings
     base = pipeline_overrides(
-        ctx.photos.path, settings.image_size, settings.epochs, learning_rate
+        ctx.photos.path,
+        settings.image_size,
+        settings.epochs,
+        learning_rate,
+        rep_seed(rep),
     )
     return base + ctx.extra_overrides
 
@@ -139,7 +154,9 @@ def run_pipeline_repro(ctx: Context, rep: int) -> dict:
     """Compose params.yaml in a fresh copy, `dvc repro` all stages, then no-ops."""
     copy = ctx.new_copy(f"repro-{rep}")
     compose = ctx.run(
-        f"repro{rep}-compose", [PYTHON, "-m", "stages.config", *_overrides(ctx)], copy
+        f"repro{rep}-compose",
+        [PYTHON, "-m", "stages.config", *_overrides(ctx, rep)],
+        copy,
     )
     repro = ctx.run(f"repro{rep}-dvc-repro", ["dvc", "repro"], copy)
     check_stages(repro.output, ALL_STAGES, "dvc repro")
@@ -179,9 +196,13 @@ def compare_repro(ctx: Context) -> dict:
         name = f"repro{rep}-reference"
         if _first(rep):
             pipeline.append(run_pipeline_repro(ctx, rep))
-            reference.append(run_reference(ctx, DEFAULT_LEARNING_RATE, name))
+            reference.append(
+                run_reference(ctx, DEFAULT_LEARNING_RATE, name, rep_seed(rep))
+            )
         else:
-            reference.append(run_reference(ctx, DEFAULT_LEARNING_RATE, name))
+            reference.append(
+                run_reference(ctx, DEFAULT_LEARNING_RATE, name, rep_seed(rep))
+            )
             pipeline.append(run_pipeline_repro(ctx, rep))
     return {"pipeline": pipeline, "reference": reference}
 
@@ -191,7 +212,7 @@ def run_pipeline_sweep(ctx: Context, rep: int) -> dict:
     copy = ctx.new_copy(f"sweep-{rep}")
     trials, accuracies = [], []
     for i, rate in enumerate(ctx.settings.learning_rates):
-        overrides = [arg for o in _overrides(ctx, rate) for arg in ("-S", o)]
+        overrides = [arg for o in _overrides(ctx, rep, rate) for arg in ("-S", o)]
         command = ["dvc", "exp", "run", *overrides]
         timed = ctx.run(f"sweep{rep}-exp{i}", command, copy)
         expected = ALL_STAGES if i == 0 else ["train", "evaluate"]
@@ -210,7 +231,7 @@ def run_pipeline_sweep(ctx: Context, rep: int) -> dict:
 def run_reference_sweep(ctx: Context, rep: int) -> dict:
     """Run the reference once per learning rate and sum the times."""
     trials = [
-        run_reference(ctx, rate, f"sweep{rep}-reference{i}")
+        run_reference(ctx, rate, f"sweep{rep}-reference{i}", rep_seed(rep))
         for i, rate in enumerate(ctx.settings.learning_rates)
     ]
     return {
@@ -325,7 +346,8 @@ def _preprocess_round(ctx: Context, copy: Path, rep: int) -> dict:
 def compare_preprocess(ctx: Context) -> dict:
     """Run comparison 5: preprocess throughput against Pillow, and memory growth."""
     copy = ctx.new_copy("preprocess")
-    ctx.run("prep-compose", [PYTHON, "-m", "stages.config", *_overrides(ctx)], copy)
+    compose = [PYTHON, "-m", "stages.config", *_overrides(ctx, 0)]
+    ctx.run("prep-compose", compose, copy)
     rounds = []
     for rep in range(ctx.settings.repetitions):
         log.info("Preprocess throughput and memory, repetition %d", rep + 1)
