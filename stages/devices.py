@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +49,19 @@ def list_gpus() -> list[GpuInfo]:
         capability = details.get("compute_capability")
         gpus.append(GpuInfo(gpu.name, tuple(capability) if capability else None))
     return gpus
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """Return the feature flags of the first CPU in `cpuinfo` (empty if unknown).
+
+    Linux lists them on the `flags` line; other systems have no such file.
+    """
+    try:
+        text = cpuinfo.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()

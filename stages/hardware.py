@@ -25,6 +25,10 @@ TF_CONFIG = "TF_CONFIG"
 # on. The TensorFlow mixed precision guide notes that CPUs run float16
 # operations slower than float32 ones.
 MIXED_FLOAT16_MIN_CAPABILITY = (7, 0)
+# CPU features with native bfloat16 arithmetic (AVX-512 BF16, AMX), which
+# oneDNN uses for mixed_bfloat16 convolutions and matrix products. Without
+# them bfloat16 is emulated and slower than float32.
+BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 TF_CONFIG_EXAMPLE = (
     '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
     '"task": {"type": "worker", "index": 0}}'
@@ -51,8 +55,14 @@ def supports_mixed_float16(gpus: Sequence[GpuInfo]) -> bool:
     )
 
 
-def select_precision(requested: str, gpus: Sequence[GpuInfo]) -> str:
-    """Resolve train.precision: auto is mixed_float16 on capable GPUs, else float32."""
+def select_precision(
+    requested: str, gpus: Sequence[GpuInfo], cpu_flags: frozenset[str] = frozenset()
+) -> str:
+    """Resolve train.precision.
+
+    auto is mixed_float16 on GPUs with float16 tensor cores, mixed_bfloat16
+    on a CPU (no GPU) with native bfloat16 arithmetic, else float32.
+    """
     if requested != "auto":
         if requested == "mixed_float16" and not supports_mixed_float16(gpus):
             log.warning(
@@ -60,7 +70,11 @@ def select_precision(requested: str, gpus: Sequence[GpuInfo]) -> str:
                 ">= 7.0 (float16 tensor cores) can run slower than float32"
             )
         return requested
-    return "mixed_float16" if supports_mixed_float16(gpus) else "float32"
+    if supports_mixed_float16(gpus):
+        return "mixed_float16"
+    if not gpus and cpu_flags & BFLOAT16_CPU_FLAGS:
+        return "mixed_bfloat16"
+    return "float32"
 
 
 def read_tf_config(env: Mapping[str, str]) -> dict[str, Any] | None:
@@ -126,15 +140,19 @@ def select_strategy(
 
 
 def plan_hardware(
-    cfg: TrainConfig, gpus: Sequence[GpuInfo], env: Mapping[str, str]
+    cfg: TrainConfig,
+    gpus: Sequence[GpuInfo],
+    env: Mapping[str, str],
+    cpu_flags: frozenset[str] = frozenset(),
 ) -> HardwarePlan:
-    """Choose precision, strategy and XLA from the config, GPUs and environment."""
+    """Choose precision, strategy and XLA from the config, GPUs, CPU features
+    and environment."""
     tf_config = read_tf_config(env)
     strategy = select_strategy(cfg.strategy, gpus, tf_config)
     if strategy != "multi_worker":
         tf_config = None  # a cluster description matters to multi_worker only
     return HardwarePlan(
-        precision=select_precision(cfg.precision, gpus),
+        precision=select_precision(cfg.precision, gpus, cpu_flags),
         strategy=strategy,
         jit_compile=cfg.jit_compile,
         num_workers=count_workers(tf_config),

@@ -97,10 +97,10 @@ def _prepare_hardware(params: Params):
     import tensorflow as tf
 
     from stages import hardware
-    from stages.devices import describe_devices, list_gpus
+    from stages.devices import cpu_flags, describe_devices, list_gpus
 
     gpus = list_gpus()
-    plan = hardware.plan_hardware(params.train, gpus, os.environ)
+    plan = hardware.plan_hardware(params.train, gpus, os.environ, cpu_flags())
     # A multi-worker strategy must exist before TensorFlow runs any operation.
     strategy = hardware.create_strategy(plan)
     hardware.apply_precision(plan)

@@ -59,6 +59,38 @@ def test_hardware_precision(requested: str, gpus: list, expected: str) -> None:
     assert select_precision(requested, gpus) == expected
 
 
+BF16_CPU = frozenset({"avx2", "avx512f", "avx512_bf16"})
+
+
+@pytest.mark.parametrize(
+    ("requested", "gpus", "flags", "expected"),
+    [
+        ("auto", [], BF16_CPU, "mixed_bfloat16"),
+        ("auto", [], frozenset({"avx2", "amx_bf16", "amx_tile"}), "mixed_bfloat16"),
+        ("auto", [], frozenset({"avx2", "avx512f"}), "float32"),
+        ("auto", [VOLTA], BF16_CPU, "mixed_float16"),
+        ("auto", [PASCAL], BF16_CPU, "float32"),  # the GPU trains, not the CPU
+        ("float32", [], BF16_CPU, "float32"),
+    ],
+)
+def test_hardware_precision_on_bfloat16_cpus(
+    requested: str, gpus: list, flags: frozenset, expected: str
+) -> None:
+    assert select_precision(requested, gpus, flags) == expected
+
+
+def test_cpu_flags_read_from_cpuinfo(tmp_path: Path) -> None:
+    from stages.devices import cpu_flags
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\n"
+        "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n"
+    )
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
 @pytest.mark.parametrize(
     ("requested", "gpus", "expected"),
     [

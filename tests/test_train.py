@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 
 from stages.config import SECTIONS, ConfigError, read_params_file, validate
+from stages.devices import cpu_flags
+from stages.hardware import select_precision
 from stages.schedules import WarmupStepDecay, build_schedule, learning_rate_at
 from stages.train import train
 from tests.conftest import ROOT, client_for
@@ -44,7 +46,9 @@ def test_train_logs_params_and_tags(trained) -> None:
     assert run.data.tags["dataset"] == "digits"
     assert run.data.tags["num_classes"] == "10"
     assert run.data.tags["device"] == "CPU"
-    assert run.data.tags["precision"] == "float32"
+    # auto: mixed_bfloat16 on CPUs with native bfloat16 arithmetic.
+    expected_precision = select_precision("auto", [], cpu_flags())
+    assert run.data.tags["precision"] == expected_precision
     assert run.data.tags["strategy"] == "default"
     assert run.data.tags["num_replicas"] == "1"
 
