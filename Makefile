@@ -83,8 +83,8 @@ format: setup ## Format the code with ruff
 	ruff format stages tests bench
 	ruff check --fix stages tests bench
 
-ui: setup ## Open the MLflow UI on http://127.0.0.1:5000
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+ui: setup ## Open the MLflow UI on http://127.0.0.1:5000 (PORT=... for another)
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
 
 db: setup ## Create the PostgreSQL role and database of the tracking server
 	python -m stages.server create-db --role '$(DB_USER)' --database '$(DB_NAME)' $(DB_ARGS)

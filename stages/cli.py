@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 
 from stages.config import ConfigError
@@ -27,6 +28,25 @@ def setup_logging(level: int = logging.INFO) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+
+
+# Warnings that every training run would print although nothing is wrong:
+# MLflow's guesses about the local data sources and integer pixel columns
+# that mlflow.log_input and the model signature describe.
+QUIET_WARNINGS = (
+    "The specified dataset source can be interpreted in multiple ways",
+    "Hint: Inferred schema contains integer column",
+)
+
+
+def quiet_known_noise() -> None:
+    """Hide the Python warnings listed in QUIET_WARNINGS.
+
+    NOTE: TensorFlow 2.21 prints its start-up lines (oneDNN, CUDA drivers)
+    even when TF_CPP_MIN_LOG_LEVEL=2 is set before the import, so they stay.
+    """
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
 def _interrupt_on_sigterm(signum: int, frame: object) -> None:
@@ -51,6 +71,7 @@ def run_stage(task: Callable[[list[str]], object], description: str) -> None:
     )
     args = parser.parse_args()
     setup_logging()
+    quiet_known_noise()
     # Mask credentials in every stage's log, such as a token in dataset.url.
     install_log_redaction()
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)

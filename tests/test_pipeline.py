@@ -138,8 +138,13 @@ def test_pipeline_exp_run_reruns_train_only(repo: Path, first_repro) -> None:
     assert runs[0].data.params["train.epochs"] == "2"
     assert runs[0].data.tags["dvc_exp_name"]
     assert runs[0].info.run_id == train_run_id(repo)
-    diff = run(["dvc", "plots", "diff", "HEAD", "--json"], repo)
-    assert "metrics/history.csv" in diff.stdout
+    diff = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)
+    curves = diff["data"]["Training curves"]
+    assert curves[0]["revisions"] == ["workspace", "HEAD"]
+    assert "Confusion matrix (test)" in diff["data"]
+    # The confusion table is declared once, so it is not drawn under its file
+    # name as well.
+    assert "metrics/confusion.csv" not in diff["data"]
 
 
 def test_pipeline_run_cache_keeps_run_id(repo: Path, first_repro) -> None:
