@@ -85,7 +85,9 @@ class ShardedImages:
 
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
-            return self.take(np.arange(len(self))[[index]])[0]
+            if not -len(self) <= index < len(self):
+                raise IndexError(f"image {index} is out of range for {len(self)}")
+            return self.take(np.array([index % len(self)]))[0]
         return self.take(np.arange(len(self))[index])
 
     def take(self, indices: np.ndarray) -> np.ndarray:
@@ -146,8 +148,9 @@ class _ShardFile:
         """Read the images at `offsets` into out[positions]."""
         if len(offsets) and (offsets.min() < 0 or offsets.max() >= self.count):
             raise ValueError(
-                f"{self.path} holds {self.count} images, but a manifest addresses "
-                f"image {int(offsets.max())}; rerun the preprocess and split stages"
+                f"{self.path} contains {self.count} images, but a manifest refers "
+                f"to offset {int(offsets.max())}; rerun the preprocess and split "
+                "stages"
             )
         for offset, position in zip(offsets, positions, strict=True):
             start = self.data_start + int(offset) * self.image_bytes

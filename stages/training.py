@@ -87,8 +87,8 @@ def _batches_dataset(
 ):
     """Wrap a generator of `num_batches` (images, labels) batches in tf.data.
 
-    The pipeline knows its length, so Keras needs no extra pass to find the
-    end of the data. With `num_classes`, labels are one-hot.
+    The pipeline declares its length, so Keras needs no extra pass to find
+    the end of the data. With `num_classes`, labels are one-hot.
     """
     import tensorflow as tf
 

@@ -24,7 +24,7 @@ def numbers(images: np.ndarray) -> list[int]:
     return [int(image[0, 0, 0]) for image in images]
 
 
-def test_sharded_images_read_any_order_across_shards(tmp_path: Path) -> None:
+def test_sharded_images_read_any_order(tmp_path: Path) -> None:
     rows = write_shards(tmp_path, 23, shard_size=5)
     # Rows in an order unrelated to the shard layout, as a split manifest has.
     shuffled = rows.sample(frac=1, random_state=1).reset_index(drop=True)
@@ -40,21 +40,23 @@ def test_sharded_images_read_any_order_across_shards(tmp_path: Path) -> None:
         expected[7],
     ]
     assert int(images[-1][0, 0, 0]) == expected[-1]
+    with pytest.raises(IndexError, match="out of range"):
+        images[23]
     assert numbers(images[3:6]) == expected[3:6]
     batches = list(images.batches(10))
     assert [len(b) for b in batches] == [10, 10, 3]
     assert numbers(np.concatenate(batches)) == expected
 
 
-def test_sharded_images_name_the_shard_a_manifest_overruns(tmp_path: Path) -> None:
+def test_sharded_images_name_overrun_shard(tmp_path: Path) -> None:
     rows = write_shards(tmp_path, 6, shard_size=4)
     rows.loc[5, "offset"] = 9
     images = ShardedImages(tmp_path, rows)
-    with pytest.raises(ValueError, match=r"images-00001\.npy holds 2 images"):
+    with pytest.raises(ValueError, match=r"images-00001\.npy contains 2 images"):
         images.take(np.arange(6))
 
 
-def test_sharded_images_reject_a_file_that_is_not_a_shard(tmp_path: Path) -> None:
+def test_sharded_images_reject_non_shard(tmp_path: Path) -> None:
     np.save(tmp_path / "images-00000.npy", np.zeros((4, 4), np.float32))
     rows = pd.DataFrame({"shard": [0], "offset": [0]})
     with pytest.raises(ValueError, match="not a shard of uint8 images"):
@@ -65,7 +67,7 @@ def collect(dataset) -> list[tuple[list[int], list[int]]]:
     return [(numbers(x.numpy()), y.numpy().tolist()) for x, y in dataset]
 
 
-def test_epochs_stream_every_image_once_in_a_replayable_order(tmp_path: Path) -> None:
+def test_epochs_replay_same_order(tmp_path: Path) -> None:
     from stages.training import make_epochs_dataset
 
     rows = write_shards(tmp_path, 11, shard_size=4)
@@ -88,7 +90,7 @@ def test_epochs_stream_every_image_once_in_a_replayable_order(tmp_path: Path) ->
     assert other_seed != full[:3]
 
 
-def test_split_batches_keep_manifest_order_and_one_hot_labels(tmp_path: Path) -> None:
+def test_split_batches_keep_order(tmp_path: Path) -> None:
     from stages.training import make_dataset
 
     rows = write_shards(tmp_path, 7, shard_size=3).iloc[::-1]
