@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -61,6 +62,11 @@ def run_stage(task: Callable[[list[str]], object], description: str) -> None:
     without a traceback; anything else propagates. SIGTERM is turned into
     KeyboardInterrupt, so cleanup code (such as ending an MLflow run as
     KILLED) runs as it does on Ctrl-C.
+
+    After a successful task that loaded TensorFlow, the process exits without
+    the interpreter's teardown, which takes about a second for TensorFlow and
+    has nothing left to write: outputs are renamed into place and MLflow runs
+    ended by then. Logs and standard streams are flushed first.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
@@ -83,3 +89,14 @@ def run_stage(task: Callable[[list[str]], object], description: str) -> None:
     except (DiskFullError, OutputLockedError) as error:
         log.error("%s", error)
         sys.exit(1)
+    if "tensorflow" in sys.modules:
+        exit_now()
+
+
+def exit_now(status: int = 0) -> None:
+    """Flush logs and standard streams, then end the process with `status`
+    at once, skipping exit handlers and module teardown."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)

@@ -215,7 +215,6 @@ def _nested(schema: type, values: dict[str, Any]) -> Any:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    batch_size: int = field(default=256, **_bounds(min=1))
     top_k: int = field(default=3, **_bounds(min=1))
 
 

@@ -1,8 +1,10 @@
-"""Stage evaluate: score the trained model on the test split.
+"""Stage evaluate: score the trained model's predictions on the test split.
 
-Reads params: evaluate, tracking. Reads: models/model.keras, data/processed/,
+Reads params: evaluate, tracking. Reads: models/test_predictions.npz (the
+class probabilities that the train stage wrote), data/processed/,
 data/split/test.csv, metrics/train.json (the MLflow run id) and
-metrics/history.csv. Writes: metrics/evaluate.json, metrics/per_class.csv,
+metrics/history.csv. It does not import TensorFlow, so it starts in about a
+second and re-runs quickly when only its own settings change. Writes: metrics/evaluate.json, metrics/per_class.csv,
 metrics/confusion.csv (one row per test image, for `dvc plots`),
 metrics/confusion_matrix.csv (counts), metrics/confusion_matrix_normalised.csv,
 metrics/most_confused.csv, metrics/curves.csv (ROC and precision-recall) and
@@ -41,7 +43,7 @@ log = logging.getLogger("stages.evaluate")
 
 PROCESSED_DIR = Path("data/processed")
 SPLIT_DIR = Path("data/split")
-MODEL_FILE = Path("models/model.keras")
+PREDICTIONS_FILE = Path("models/test_predictions.npz")
 TRAIN_METRICS = Path("metrics/train.json")
 HISTORY_FILE = Path("metrics/history.csv")
 OUTPUTS = {
@@ -69,22 +71,6 @@ LOGGED_OUTPUTS = (
     "most_confused",
     "curves",
 )
-
-
-def predict(
-    model_file: Path, images: ShardedImages, labels: np.ndarray, batch_size: int
-) -> np.ndarray:
-    """Return class probabilities for `images` in their order, in one pass.
-
-    The images are streamed from their shards in manifest order.
-    """
-    import keras
-
-    from stages.training import make_dataset
-
-    model = keras.models.load_model(model_file)
-    batches = make_dataset(images, labels, batch_size)
-    return model.predict(batches, verbose=0)
 
 
 def write_outputs(
@@ -211,7 +197,7 @@ def evaluate(
     overrides: list[str],
     processed_dir: Path = PROCESSED_DIR,
     split_dir: Path = SPLIT_DIR,
-    model_file: Path = MODEL_FILE,
+    predictions_file: Path = PREDICTIONS_FILE,
     train_metrics: Path = TRAIN_METRICS,
     history_file: Path = HISTORY_FILE,
     outputs: dict[str, Path] | None = None,
@@ -219,18 +205,18 @@ def evaluate(
     """Evaluate the model on the test split and return the summary metrics."""
     outputs = outputs or OUTPUTS
     params = load_params(["evaluate", "tracking"], overrides)
-    from stages.training import load_split, read_classes
+    from stages.predictions import load_predictions
+    from stages.training import load_split, read_classes, read_manifest
 
-    for path in (model_file, train_metrics):
-        if not path.is_file():
-            raise InputError(f"{path} not found; run the train stage first")
+    if not train_metrics.is_file():
+        raise InputError(f"{train_metrics} not found; run the train stage first")
     classes = read_classes(processed_dir)
-    images, labels = load_split(processed_dir, split_dir, "test")
-    if len(images) == 0:
+    manifest = read_manifest(split_dir, "test")
+    if manifest.empty:
         raise InputError(f"{split_dir / 'test.csv'} is empty; raise split.test")
-    log.info("Evaluating %s on %d test images", model_file, len(images))
-
-    probabilities = predict(model_file, images, labels, params.evaluate.batch_size)
+    probabilities = load_predictions(predictions_file, manifest, len(classes))
+    images, labels = load_split(processed_dir, split_dir, "test")
+    log.info("Scoring %s on %d test images", predictions_file, len(images))
     metrics, areas = write_outputs(
         images, labels, probabilities, classes, params.evaluate.top_k, outputs
     )

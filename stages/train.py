@@ -1,10 +1,12 @@
 """Stage train: fit the configured Keras model and track it in MLflow.
 
 Reads params: model, augment, train, tracking, dataset.name. Reads:
-data/processed/, data/split/. Writes: models/model.keras, metrics/train.json
-(final metrics and the MLflow run id), metrics/history.csv (one row per
-epoch) and checkpoints/ (the newest epoch, from which a killed run resumes in
-the same MLflow run).
+data/processed/, data/split/. Writes: models/model.keras,
+models/test_predictions.npz (the trained model's class probabilities for the
+test split, which the evaluate stage scores), metrics/train.json (final
+metrics and the MLflow run id), metrics/history.csv (one row per epoch) and
+checkpoints/ (the newest epoch, from which a killed run resumes in the same
+MLflow run).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ PROCESSED_DIR = Path("data/processed")
 SPLIT_DIR = Path("data/split")
 OUTPUTS = {
     "model": Path("models/model.keras"),
+    "predictions": Path("models/test_predictions.npz"),
     "metrics": Path("metrics/train.json"),
     "history": Path("metrics/history.csv"),
     "checkpoints": Path("checkpoints"),
@@ -295,7 +298,7 @@ def fit(
     """
     from stages.training import check_labels
 
-    for name in ("train", "val"):
+    for name in ("train", "val", "test"):
         manifest = session.split_dir / f"{name}.csv"
         check_labels(session.data[name][1], session.num_classes, manifest)
     history = list(state.history) if state else []
@@ -372,18 +375,38 @@ def _open_run(params, state, tags, split_dir: Path, processed_dir: Path):
     return run, None
 
 
-def _save_outputs(params: Params, model, history, outputs: dict, example) -> None:
-    """Save the model (without optimizer), log it to MLflow, write the history."""
+def _predict_test(session: TrainingSession, model) -> tuple:
+    """Return the test split's manifest and the model's probabilities for it."""
+    from stages.training import predict_probabilities, read_manifest
+
+    manifest = read_manifest(session.split_dir, "test")
+    images, labels = session.data["test"]
+    if not len(images):
+        return manifest, np.zeros((0, session.num_classes), dtype=np.float32)
+    probabilities = predict_probabilities(
+        model, images, labels, session.global_batch_size
+    )
+    return manifest, probabilities
+
+
+def _save_outputs(session, model, history, outputs: dict) -> None:
+    """Save the model (without optimizer) and its test predictions, log the
+    model to MLflow, and write the history."""
     from stages.models import inference_model
+    from stages.predictions import save_predictions
     from stages.tracking import log_keras_model
 
+    params = session.params
     inference = inference_model(model)
+    manifest, probabilities = _predict_test(session, inference)
     # Logged first: if MLflow fails, models/ keeps the model that the metrics
     # files still describe.
     if params.tracking.log_model:
+        example = session.data["train"][0][:2]
         log_keras_model(inference, example, params.tracking.register_model)
     with atomic_file(outputs["model"]) as tmp:
         inference.save(tmp)
+    save_predictions(outputs["predictions"], probabilities, manifest)
     with atomic_file(outputs["history"]) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
 
@@ -393,8 +416,11 @@ def _load_data(processed_dir: Path, split_dir: Path, train_cfg):
     from stages.training import load_split, read_classes
 
     classes = read_classes(processed_dir)
+    # The test split is read now, so a missing manifest stops the stage before
+    # training rather than after it.
     data = {
-        name: load_split(processed_dir, split_dir, name) for name in ("train", "val")
+        name: load_split(processed_dir, split_dir, name)
+        for name in ("train", "val", "test")
     }
     if len(data["train"][0]) == 0:
         raise InputError(f"{split_dir / 'train.csv'} is empty; raise split.train")
@@ -416,9 +442,11 @@ def _load_data(processed_dir: Path, split_dir: Path, train_cfg):
             split_dir / "val.csv",
         )
     log.info(
-        "Streaming %d train and %d val images of shape %s from the shards, %d classes",
+        "Streaming %d train, %d val and %d test images of shape %s from the "
+        "shards, %d classes",
         len(data["train"][0]),
         len(data["val"][0]),
+        len(data["test"][0]),
         data["train"][0].shape[1:],
         len(classes),
     )
@@ -495,7 +523,7 @@ def _train_in_run(session, model, state, tags, outputs, processed_dir) -> dict:
     log.info("MLflow run %s%s", run.info.run_id, " (resumed)" if state else "")
     with run_status(run.info.run_id):
         metrics, history = fit(session, model, state)
-        _save_outputs(params, model, history, outputs, session.data["train"][0][:2])
+        _save_outputs(session, model, history, outputs)
         metrics["mlflow_run_id"] = run.info.run_id
         metrics["mlflow_experiment_id"] = run.info.experiment_id
         mlflow.log_metric("train_seconds", metrics["train_seconds"])

@@ -133,6 +133,13 @@ def make_dataset(
     return _batches_dataset(generate, num_batches, images.image_shape, num_classes)
 
 
+def predict_probabilities(
+    model, images: ShardedImages, labels: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """Return the model's class probabilities for `images`, in their order."""
+    return model.predict(make_dataset(images, labels, batch_size), verbose=0)
+
+
 def make_epochs_dataset(
     images: ShardedImages,
     labels: np.ndarray,

@@ -275,7 +275,7 @@ def train_and_evaluate(
     metrics = train([*train_overrides, *tracking_overrides], outputs=trained)
     evaluation = evaluate(
         tracking_overrides,
-        model_file=trained["model"],
+        predictions_file=trained["predictions"],
         train_metrics=trained["metrics"],
         history_file=trained["history"],
         outputs=evaluate_outputs(folder),

@@ -153,7 +153,7 @@ def test_fallback_run_uploads_later(
     offline.reset()
     evaluation = evaluate(
         tracking_overrides,
-        model_file=outputs["model"],
+        predictions_file=outputs["predictions"],
         train_metrics=outputs["metrics"],
         history_file=outputs["history"],
         outputs=evaluate_outputs(tmp_path),
@@ -256,7 +256,7 @@ def test_server_killed_mid_training(
     offline.reset()
     evaluation = evaluate(
         [*overrides[2:4], "tracking.offline_fallback=true"],
-        model_file=outputs["model"],
+        predictions_file=outputs["predictions"],
         train_metrics=outputs["metrics"],
         history_file=outputs["history"],
         outputs=evaluate_outputs(tmp_path),

@@ -155,6 +155,7 @@ def test_crash_mid_training_marks_run_failed(
             split_dir=broken / "data/split",
             outputs={
                 "model": tmp_path / "model.keras",
+                "predictions": tmp_path / "test_predictions.npz",
                 "metrics": tmp_path / "train.json",
                 "history": tmp_path / "history.csv",
             },
@@ -173,6 +174,7 @@ def test_system_metrics_logged_when_enabled(
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     outputs = {
         "model": tmp_path / "model.keras",
+        "predictions": tmp_path / "test_predictions.npz",
         "metrics": tmp_path / "train.json",
         "history": tmp_path / "history.csv",
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -86,6 +87,29 @@ def test_train_model_has_input_example(trained) -> None:
     assert probabilities.shape == (2, 10)
 
 
+def test_train_model_serving_example_predicts(trained, tmp_path: Path) -> None:
+    from mlflow.models import Model
+
+    project, metrics = trained
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    uri = f"runs:/{metrics['mlflow_run_id']}/model"
+    local = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model"))
+    serving_input = Model.load(local).get_serving_input(local)
+    assert serving_input is not None
+    payload = tmp_path / "request.json"
+    payload.write_text(serving_input)
+    output = tmp_path / "predictions.json"
+    mlflow.models.predict(
+        model_uri=uri,
+        input_path=str(payload),
+        content_type="json",
+        output_path=str(output),
+        env_manager="local",
+    )
+    predictions = json.loads(output.read_text())["predictions"]
+    assert np.asarray(predictions).shape == (2, 10)
+
+
 def test_train_missing_split(project: Path) -> None:
     from stages.cli import InputError
 
@@ -101,14 +125,16 @@ def test_train_invalid_config_fails_before_loading(project: Path) -> None:
 
 
 def subset(project: Path, target: Path, train_rows: int, val_rows: int) -> dict:
-    """Write manifests with the first rows of train and val; return train() paths."""
+    """Write manifests with the first rows of train and val, and 16 test rows;
+    return train() paths."""
     split_dir = target / "split"
     split_dir.mkdir(parents=True)
-    for name, count in (("train", train_rows), ("val", val_rows)):
+    for name, count in (("train", train_rows), ("val", val_rows), ("test", 16)):
         lines = (project / "data/split" / f"{name}.csv").read_text().splitlines()
         (split_dir / f"{name}.csv").write_text("\n".join(lines[: count + 1]) + "\n")
     outputs = {
         "model": target / "model.keras",
+        "predictions": target / "test_predictions.npz",
         "metrics": target / "train.json",
         "history": target / "history.csv",
         "checkpoints": target / "checkpoints",
