@@ -182,6 +182,19 @@ def output_lock(target: Path) -> Iterator[Path]:
 
 
 @contextmanager
+def waiting_lock(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_file`, waiting while another process
+    holds it. The file is left in place, so every process locks the same one."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces `target` on success.
 

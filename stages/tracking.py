@@ -19,12 +19,13 @@ import os
 import re
 import subprocess
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from stages.config import TrackingConfig, find_root
+from stages.fsutil import waiting_lock
 from stages.redaction import (
     install_log_redaction,
     mask_uri,
@@ -142,7 +143,6 @@ def use_experiment(cfg: TrackingConfig) -> str:
     tracking.connect_timeout seconds, unless tracking.offline_fallback is set.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     global _exported_uri
     install_log_redaction()
@@ -152,23 +152,45 @@ def use_experiment(cfg: TrackingConfig) -> str:
     mlflow.set_tracking_uri(uri)
     if os.environ.get("MLFLOW_TRACKING_URI") != before:
         _exported_uri = uri
-    experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
-    if experiment is None:
-        try:
-            experiment_id = mlflow.create_experiment(
-                cfg.experiment_name, artifact_location=default_artifact_location(uri)
-            )
-        except MlflowException:
-            # Another process created it between the lookup and the create.
-            experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
-            if experiment is None:
-                raise
-            experiment_id = experiment.experiment_id
-    else:
-        experiment_id = experiment.experiment_id
+    with store_setup_lock(uri):
+        experiment_id = _experiment_id(cfg.experiment_name, uri)
     mlflow.set_experiment(experiment_id=experiment_id)
     log.info("MLflow store %s, experiment '%s'", redact(store), cfg.experiment_name)
     return experiment_id
+
+
+def store_setup_lock(uri: str):
+    """Return a lock that serialises the first use of a SQLite store.
+
+    MLflow creates the tables of a new SQLite database on first use. Two
+    stages doing so at once (experiments run by `dvc queue start -j 2`, for
+    instance) fail with "table ... already exists". Other stores need no lock.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri == f"{prefix}:memory:":
+        return nullcontext()
+    database = Path(uri[len(prefix) :].split("?", 1)[0])
+    return waiting_lock(database.with_name(f".{database.name}.lock"))
+
+
+def _experiment_id(name: str, uri: str) -> str:
+    """Return the id of experiment `name`, creating it if it does not exist."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(
+            name, artifact_location=default_artifact_location(uri)
+        )
+    except MlflowException:
+        # Another process created it between the lookup and the create.
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

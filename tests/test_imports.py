@@ -1,4 +1,4 @@
-"""Stages that neither train nor evaluate start without importing TensorFlow."""
+"""Every stage and command but train starts without importing TensorFlow or MLflow."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "stage", ["download", "preprocess", "split", "config", "predict", "compare"]
+    "stage",
+    ["download", "preprocess", "split", "evaluate", "config", "predict", "compare"],
 )
 def test_stage_does_not_import_tensorflow(stage: str) -> None:
     code = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -219,3 +220,41 @@ def test_log_keras_model_registers_version(project: Path) -> None:
     example = Model.load(uri).load_input_example(uri)
     np.testing.assert_array_equal(example, EXAMPLE_IMAGES)
     assert np.asarray(mlflow.pyfunc.load_model(uri).predict(example)).shape == (2, 3)
+
+
+def test_new_sqlite_store_shared_by_concurrent_stages(tmp_path: Path) -> None:
+    """Four processes that open one new SQLite store at once all succeed."""
+    import subprocess
+    import sys
+
+    database = tmp_path / "mlflow.db"
+    start = tmp_path / "start"
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from stages import tracking\n"
+        "from stages.config import TrackingConfig\n"
+        "import mlflow.store.tracking.sqlalchemy_store\n"
+        f"while not Path({str(start)!r}).exists():\n"
+        "    time.sleep(0.01)\n"
+        f"cfg = TrackingConfig(uri='sqlite:///{database}', experiment_name='shared')\n"
+        "print(tracking.use_experiment(cfg))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(4)
+    ]
+    start.touch()
+    results = [process.communicate(timeout=120) for process in processes]
+    for process, (_, stderr) in zip(processes, results, strict=True):
+        assert process.returncode == 0, stderr[-2000:]
+    experiment_ids = {stdout.split()[-1] for stdout, _ in results}
+    assert len(experiment_ids) == 1
+    assert (tmp_path / ".mlflow.db.lock").is_file()
