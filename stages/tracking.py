@@ -454,7 +454,7 @@ def log_keras_model(model, example, registered_name: str | None = None) -> None:
         registered_model_name=registered_name,
         pip_requirements=model_requirements(),
         # MLflow would load the saved model again and predict the example
-        # (about 1 s per run). The tests check that path on logged models.
+        # (about 1 s per run). tests/test_train.py runs that check instead.
         validate_serving_input=False,
     )
 

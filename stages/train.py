@@ -473,13 +473,14 @@ def train(
     A checkpoint in outputs["checkpoints"] of a killed run with the same
     config and data is resumed, in the same MLflow run.
     """
-    import tensorflow as tf
-
     from stages.training import training_fingerprint
 
     outputs = {**OUTPUTS, **(outputs or {})}
     params = load_params(["model", "augment", "train", "tracking"], overrides)
     classes, data = _load_data(processed_dir, split_dir, params.train)
+    # Imported only now, so a config or data error costs no TensorFlow import.
+    import tensorflow as tf
+
     plan, strategy, tags = _prepare_hardware(params)
     model = _build(params, data["train"][0].shape[1:], len(classes), plan, strategy)
     fingerprint = training_fingerprint(

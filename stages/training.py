@@ -42,12 +42,38 @@ KERAS_NAMES = {name: key for key, name in METRIC_NAMES.items()}
 SEED_STATE_NAME = "seed_generator_state"
 
 
+# Columns of a split manifest that training and evaluation read.
+MANIFEST_COLUMNS = ("file", "label", "class_index", "sha256", "shard", "offset")
+
+
 def read_manifest(split_dir: Path, name: str) -> pd.DataFrame:
-    """Read one split manifest written by the split stage."""
+    """Read one split manifest written by the split stage.
+
+    Raises:
+        InputError: the file is missing, has no header, lacks a column, or
+            has a non-integer class index or shard address.
+    """
     path = split_dir / f"{name}.csv"
     if not path.is_file():
         raise InputError(f"{path} not found; run the split stage first")
-    return pd.read_csv(path, dtype={"label": str, "sha256": str}, keep_default_na=False)
+    rerun = "run the split stage again (dvc repro split)"
+    try:
+        rows = pd.read_csv(
+            path, dtype={"label": str, "sha256": str}, keep_default_na=False
+        )
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as error:
+        raise InputError(
+            f"{path} is not a valid manifest ({error}); {rerun}"
+        ) from error
+    missing = [column for column in MANIFEST_COLUMNS if column not in rows.columns]
+    if missing:
+        raise InputError(f"{path} lacks the columns {missing}; {rerun}")
+    for column in ("class_index", "shard", "offset"):
+        if not pd.api.types.is_integer_dtype(rows[column]) and len(rows):
+            raise InputError(
+                f"{path}: column {column} must contain whole numbers; {rerun}"
+            )
+    return rows
 
 
 def read_classes(processed_dir: Path) -> list[str]:
@@ -65,6 +91,22 @@ def load_split(
     rows = read_manifest(split_dir, name)
     labels = rows["class_index"].to_numpy(dtype=np.int32)
     return ShardedImages(processed_dir, rows), labels
+
+
+def check_manifest_labels(rows: pd.DataFrame, classes: list[str], source: Path) -> None:
+    """Raise InputError unless each row's class index is in range and names
+    the row's label."""
+    labels = rows["class_index"].to_numpy(dtype=np.int64)
+    check_labels(labels, len(classes), source)
+    names = np.array(classes, dtype=object)[labels]
+    differ = np.flatnonzero(names != rows["label"].to_numpy(dtype=object))
+    if len(differ):
+        first = rows.iloc[differ[0]]
+        raise InputError(
+            f"{source}: row {differ[0] + 1} has label {first['label']!r} but "
+            f"class_index {first['class_index']} ({names[differ[0]]!r}), and "
+            f"{len(differ)} rows disagree; rerun the split stage (dvc repro split)"
+        )
 
 
 def check_labels(labels: np.ndarray, num_classes: int, source: Path) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -64,3 +68,56 @@ def test_evaluate_changed_settings_use_child_run(evaluated, monkeypatch) -> None
     assert child.data.tags["mlflow.parentRunId"] == train_metrics["mlflow_run_id"]
     assert child.data.params["evaluate.top_k"] == "5"
     assert child.data.metrics["test_top_5_accuracy"] == metrics["top_5_accuracy"]
+
+
+def _broken_split(project: Path, target: Path, edit) -> Path:
+    """Copy the project's split manifests to `target`, editing test.csv."""
+    shutil.copytree(project / "data/split", target)
+    manifest = target / "test.csv"
+    manifest.write_text(edit(manifest.read_text()))
+    return target
+
+
+def _set_first_row(column: str, value: str):
+    def edit(text: str) -> str:
+        lines = text.splitlines()
+        header = lines[0].split(",")
+        cells = lines[1].split(",")
+        cells[header.index(column)] = value
+        return "\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n"
+
+    return edit
+
+
+def _drop_column(column: str):
+    def edit(text: str) -> str:
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        return table.drop(columns=[column]).to_csv(index=False)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set_first_row("class_index", "-1"), "class_index -1 is outside"),
+        (_set_first_row("class_index", "10"), "class_index 10 is outside"),
+        (_set_first_row("class_index", "x"), "must contain whole numbers"),
+        (_set_first_row("label", "cat"), "has label 'cat' but class_index"),
+        (_drop_column("sha256"), "lacks the columns ['sha256']"),
+        (lambda text: "", "is not a valid manifest"),
+    ],
+)
+def test_evaluate_rejects_broken_manifest(
+    evaluated, tmp_path: Path, monkeypatch, edit, message: str
+) -> None:
+    from stages.cli import InputError
+
+    project, _, _ = evaluated
+    monkeypatch.chdir(project)
+    split_dir = _broken_split(project, tmp_path / "split", edit)
+    outputs = {k: tmp_path / "out" / v.name for k, v in OUTPUTS.items()}
+    with pytest.raises(InputError, match=re.escape(message)) as caught:
+        evaluate([], split_dir=split_dir, outputs=outputs)
+    assert str(split_dir / "test.csv") in str(caught.value)
+    assert not outputs["metrics"].exists()

@@ -22,3 +22,21 @@ def test_stage_does_not_import_tensorflow(stage: str) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True
     )
     assert result.returncode == 0, f"stages.{stage} imports {result.stdout.strip()}"
+
+
+def test_train_config_error_before_tensorflow(project) -> None:
+    code = (
+        "import sys\n"
+        "from stages.config import ConfigError\n"
+        "from stages.train import train\n"
+        "try:\n"
+        "    train(['train.epochs=0'])\n"
+        "except ConfigError as error:\n"
+        "    print(error)\n"
+        "sys.exit(1 if 'tensorflow' in sys.modules else 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=project
+    )
+    assert "train.epochs: invalid value 0" in result.stdout
+    assert result.returncode == 0, "train imported TensorFlow before the error"

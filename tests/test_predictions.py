@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,9 +63,12 @@ def test_unreadable_predictions_rejected(tmp_path: Path, content) -> None:
             np.savez(handle, probabilities=np.zeros((1, 2)))
     else:
         path.write_bytes(content)
-    with pytest.raises(InputError, match="cannot be read") as caught:
+    with pytest.raises(
+        InputError, match=r"cannot be read|not an \.npz archive"
+    ) as caught:
         load_predictions(path, _manifest(["aa"]), 2)
     assert str(path) in str(caught.value)
+    assert "dvc repro train" in str(caught.value)
 
 
 def test_missing_predictions_name_stage(tmp_path: Path) -> None:
@@ -109,3 +113,48 @@ def test_evaluate_runs_without_tensorflow(evaluated, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.split()[-1]) == pytest.approx(metrics["accuracy"])
     assert (outputs / "plots/confusion_matrix.png").stat().st_size > 5000
+
+
+def _saved(tmp_path: Path, probabilities) -> Path:
+    path = tmp_path / "test_predictions.npz"
+    with open(path, "wb") as handle:
+        np.savez(handle, probabilities=probabilities, sha256=np.array(["aa", "bb"]))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("probabilities", "message"),
+    [
+        (np.array([[np.nan, np.nan], [0.5, 0.5]]), "NaN or infinite"),
+        (np.array([[np.inf, 0.0], [0.5, 0.5]]), "NaN or infinite"),
+        (np.array([[-0.9, -0.1], [0.5, 0.5]]), "not probabilities"),
+        (np.array([[7.0, 0.0], [0.5, 0.5]]), "not probabilities"),
+        (np.zeros((2, 2)), "row 1 sums to 0"),
+        (np.array([[True, False], [False, True]]), "not numbers"),
+        (np.array([[1 + 0j, 0j], [0j, 1 + 0j]]), "not numbers"),
+        (np.array([["a", "b"], ["c", "d"]]), "not numbers"),
+        (np.float32(0.5), "of shape ()"),
+    ],
+)
+def test_invalid_probabilities_rejected(
+    tmp_path: Path, probabilities, message: str
+) -> None:
+    path = _saved(tmp_path, probabilities)
+    with pytest.raises(InputError, match=re.escape(message)) as caught:
+        load_predictions(path, _manifest(["aa", "bb"]), 2)
+    assert str(path) in str(caught.value)
+
+
+def test_integer_probabilities_accepted(tmp_path: Path) -> None:
+    path = _saved(tmp_path, np.array([[1, 0], [0, 1]]))
+    loaded = load_predictions(path, _manifest(["aa", "bb"]), 2)
+    assert loaded.dtype == np.float32
+
+
+def test_garbage_file_message_not_about_pickles(tmp_path: Path) -> None:
+    path = tmp_path / "test_predictions.npz"
+    path.write_bytes(b"\x93NUMPY garbage" + bytes(range(256)))
+    with pytest.raises(InputError) as caught:
+        load_predictions(path, _manifest(["aa"]), 2)
+    assert "allow_pickle" not in str(caught.value)
+    assert "dvc repro train" in str(caught.value)

@@ -222,7 +222,7 @@ def test_log_keras_model_registers_version(project: Path) -> None:
     assert np.asarray(mlflow.pyfunc.load_model(uri).predict(example)).shape == (2, 3)
 
 
-def test_new_sqlite_store_shared_by_concurrent_stages(tmp_path: Path) -> None:
+def test_sqlite_store_created_concurrently(tmp_path: Path) -> None:
     """Four processes that open one new SQLite store at once all succeed."""
     import subprocess
     import sys
