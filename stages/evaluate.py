@@ -27,6 +27,7 @@ from stages.config import Params, load_params
 from stages.fsutil import atomic_file, write_json
 from stages.metrics import (
     confusion_counts,
+    missing_glyphs_summarised,
     most_confused,
     normalised_confusion,
     one_vs_rest_curves,
@@ -106,11 +107,12 @@ def write_outputs(
     for key, table in tables.items():
         with atomic_file(outputs[key]) as tmp:
             table.to_csv(tmp, index=False)
-    plot_confusion(counts, outputs["confusion_plot"])
-    plot_curves(curves, areas, outputs["curves_plot"])
-    metrics["num_misclassified_shown"] = plot_misclassified(
-        images, labels, probabilities, classes, outputs["misclassified_plot"]
-    )
+    with missing_glyphs_summarised("evaluation pictures"):
+        plot_confusion(counts, outputs["confusion_plot"])
+        plot_curves(curves, areas, outputs["curves_plot"])
+        metrics["num_misclassified_shown"] = plot_misclassified(
+            images, labels, probabilities, classes, outputs["misclassified_plot"]
+        )
     per_class_areas = {k: v for k, v in areas.items() if not k.endswith("_macro")}
     return metrics, per_class_areas
 

@@ -2,14 +2,64 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import unicodedata
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from stages.fsutil import atomic_file
+
+log = logging.getLogger(__name__)
+
+_MISSING_GLYPH = re.compile(r"Glyph \d+ \((.*)\) missing from font\(s\) (.*)\.")
+
+
+def _glyph_character(text: str) -> str:
+    """Return the character that matplotlib names as `\\N{NAME}` or as itself."""
+    named = re.fullmatch(r"\\N\{(.+)\}", text)
+    if named is None:
+        return text
+    try:
+        return unicodedata.lookup(named.group(1))
+    except KeyError:
+        return text
+
+
+@contextmanager
+def missing_glyphs_summarised(source: str) -> Iterator[None]:
+    """Replace matplotlib's warning per character that its font lacks with
+    one log line that names `source` and the characters, which show as boxes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    missing: dict[str, None] = {}
+    fonts: dict[str, None] = {}
+    for warning in caught:
+        found = _MISSING_GLYPH.fullmatch(str(warning.message))
+        if found:
+            missing[_glyph_character(found.group(1))] = None
+            fonts[found.group(2)] = None
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    if missing:
+        log.warning(
+            "%s: %d characters of the class names are not in the font (%s) and "
+            "show as boxes: %s",
+            source,
+            len(missing),
+            ", ".join(fonts),
+            " ".join(list(missing)[:20]) + (" ..." if len(missing) > 20 else ""),
+        )
+
 
 # Class names on axes and in legends are shortened to this many characters.
 MAX_LABEL_CHARS = 14

@@ -15,6 +15,7 @@ import pandas as pd
 from stages.cli import InputError, run_stage
 from stages.config import load_params
 from stages.fsutil import atomic_dir, atomic_file
+from stages.metrics import missing_glyphs_summarised
 from stages.splitting import (
     SPLITS,
     assign_splits,
@@ -138,7 +139,8 @@ def split(
     table = class_distribution(index, assigned)
     with atomic_file(distribution_file) as tmp:
         table.to_csv(tmp, index=False)
-    plot_distribution(table, distribution_plot)
+    with missing_glyphs_summarised(str(distribution_plot)):
+        plot_distribution(table, distribution_plot)
     log.info("Wrote %s to %s", ", ".join(f"{n} {k}" for k, n in counts.items()), output)
     return counts
 

@@ -232,6 +232,24 @@ def test_plot_confusion_writes_png(tmp_path) -> None:
         assert image.size == (1100, 500)
 
 
+def test_missing_glyphs_logged_once(tmp_path, caplog) -> None:
+    names = ["日本", "本語", "plain"]
+    counts = pd.DataFrame(np.eye(3, dtype=int) * 5, index=names, columns=names)
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        with metrics.missing_glyphs_summarised("pictures"):
+            metrics.plot_confusion(counts, tmp_path / "confusion_matrix.png")
+            warnings.warn("unrelated", UserWarning, stacklevel=1)
+    messages = [str(w.message) for w in escaped]
+    assert not [m for m in messages if "missing from font" in m]
+    assert "unrelated" in messages
+    (line,) = [
+        r.getMessage() for r in caplog.records if "show as boxes" in r.getMessage()
+    ]
+    assert line.startswith("pictures: 3 characters")
+    assert line.endswith("日 本 語")
+
+
 @pytest.mark.parametrize(
     ("pitch", "font_size", "step"),
     [(30.0, 10.0, 1), (9.1, 7.0, 1), (7.8, 6.0, 1), (6.3, 6.0, 2), (2.5, 6.0, 4)],
