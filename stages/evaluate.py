@@ -210,9 +210,9 @@ def evaluate(
     from stages.predictions import load_predictions
     from stages.training import (
         check_manifest_labels,
-        load_split,
         read_classes,
         read_manifest,
+        split_arrays,
     )
 
     if not train_metrics.is_file():
@@ -223,7 +223,7 @@ def evaluate(
         raise InputError(f"{split_dir / 'test.csv'} is empty; raise split.test")
     check_manifest_labels(manifest, classes, split_dir / "test.csv")
     probabilities = load_predictions(predictions_file, manifest, len(classes))
-    images, labels = load_split(processed_dir, split_dir, "test")
+    images, labels = split_arrays(processed_dir, manifest)
     log.info("Scoring %s on %d test images", predictions_file, len(images))
     metrics, areas = write_outputs(
         images, labels, probabilities, classes, params.evaluate.top_k, outputs

@@ -42,8 +42,9 @@ def load_predictions(
     """Read the probabilities of the manifest's images and check that they match.
 
     Raises:
-        InputError: the file is missing, unreadable, or made for other
-            images or another number of classes.
+        InputError: the file is missing or unreadable, was made for other
+            images or another number of classes, or contains values that
+            are not probabilities.
     """
     if not path.is_file():
         raise InputError(f"{path} not found; {RERUN_HINT}")
@@ -82,8 +83,8 @@ def check_probabilities(probabilities: np.ndarray, path: Path) -> None:
     """Raise InputError unless every row is finite, within [0, 1] and sums to 1."""
     if probabilities.dtype.kind not in "fiu":
         raise InputError(
-            f"{path}: probabilities have the type {probabilities.dtype}, not "
-            f"numbers; {RERUN_HINT}"
+            f"{path}: invalid probabilities of type {probabilities.dtype}, "
+            f"expected numbers; {RERUN_HINT}"
         )
     values = probabilities.astype(np.float64)
     broken = ~np.isfinite(values).all(axis=1)

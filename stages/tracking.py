@@ -409,8 +409,8 @@ def _save_keras_model(path: str, **kwargs: Any) -> None:
     """
     import mlflow
 
-    # Model.log passes its own options on to the flavour; save_model takes
-    # none of them.
+    # Model.log also passes validate_serving_input to the flavour's
+    # save_model, which does not accept it.
     kwargs.pop("validate_serving_input", None)
     os.makedirs(path, exist_ok=True)
     mlflow.keras.save_model(path=path, **kwargs)

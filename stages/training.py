@@ -67,11 +67,11 @@ def read_manifest(split_dir: Path, name: str) -> pd.DataFrame:
         ) from error
     missing = [column for column in MANIFEST_COLUMNS if column not in rows.columns]
     if missing:
-        raise InputError(f"{path} lacks the columns {missing}; {rerun}")
+        raise InputError(f"{path} is missing the columns {missing}; {rerun}")
     for column in ("class_index", "shard", "offset"):
         if not pd.api.types.is_integer_dtype(rows[column]) and len(rows):
             raise InputError(
-                f"{path}: column {column} must contain whole numbers; {rerun}"
+                f"{path}: invalid column {column}, expected integers; {rerun}"
             )
     return rows
 
@@ -88,14 +88,20 @@ def load_split(
     processed_dir: Path, split_dir: Path, name: str
 ) -> tuple[ShardedImages, np.ndarray]:
     """Return the images (read from the shards on demand) and labels of a split."""
-    rows = read_manifest(split_dir, name)
+    return split_arrays(processed_dir, read_manifest(split_dir, name))
+
+
+def split_arrays(
+    processed_dir: Path, rows: pd.DataFrame
+) -> tuple[ShardedImages, np.ndarray]:
+    """Return the images and labels of manifest rows that are already read."""
     labels = rows["class_index"].to_numpy(dtype=np.int32)
     return ShardedImages(processed_dir, rows), labels
 
 
 def check_manifest_labels(rows: pd.DataFrame, classes: list[str], source: Path) -> None:
-    """Raise InputError unless each row's class index is in range and names
-    the row's label."""
+    """Raise InputError unless each row's class index is in range and is the
+    index of the row's label."""
     labels = rows["class_index"].to_numpy(dtype=np.int64)
     check_labels(labels, len(classes), source)
     names = np.array(classes, dtype=object)[labels]

@@ -67,6 +67,13 @@ def run(command: list[str], cwd: Path, **extra_env: str) -> subprocess.Completed
     return result
 
 
+def run_python(code: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `code` in a new interpreter, whose modules start from none."""
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True
+    )
+
+
 def stages_run(output: str) -> list[str]:
     """Names of the stages that DVC ran, from its output."""
     lines = output.splitlines()

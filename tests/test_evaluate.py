@@ -102,9 +102,12 @@ def _drop_column(column: str):
     [
         (_set_first_row("class_index", "-1"), "class_index -1 is outside"),
         (_set_first_row("class_index", "10"), "class_index 10 is outside"),
-        (_set_first_row("class_index", "x"), "must contain whole numbers"),
+        (
+            _set_first_row("class_index", "x"),
+            "invalid column class_index, expected integers",
+        ),
         (_set_first_row("label", "cat"), "has label 'cat' but class_index"),
-        (_drop_column("sha256"), "lacks the columns ['sha256']"),
+        (_drop_column("sha256"), "is missing the columns ['sha256']"),
         (lambda text: "", "is not a valid manifest"),
     ],
 )

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+
+from tests.services import run_python
 
 
 @pytest.mark.parametrize(
@@ -18,9 +17,7 @@ def test_stage_does_not_import_tensorflow(stage: str) -> None:
         "heavy = [m for m in ('tensorflow', 'keras', 'mlflow') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True
-    )
+    result = run_python(code)
     assert result.returncode == 0, f"stages.{stage} imports {result.stdout.strip()}"
 
 
@@ -35,8 +32,6 @@ def test_train_config_error_before_tensorflow(project) -> None:
         "    print(error)\n"
         "sys.exit(1 if 'tensorflow' in sys.modules else 0)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=project
-    )
+    result = run_python(code, cwd=project)
     assert "train.epochs: invalid value 0" in result.stdout
     assert result.returncode == 0, "train imported TensorFlow before the error"

@@ -125,8 +125,8 @@ def test_train_invalid_config_fails_before_loading(project: Path) -> None:
 
 
 def subset(project: Path, target: Path, train_rows: int, val_rows: int) -> dict:
-    """Write manifests with the first rows of train and val, and 16 test rows;
-    return train() paths."""
+    """Write manifests with the first rows of train and val and 16 test rows,
+    and return the paths to pass to train()."""
     split_dir = target / "split"
     split_dir.mkdir(parents=True)
     for name, count in (("train", train_rows), ("val", val_rows), ("test", 16)):
