@@ -198,6 +198,7 @@ class TrainConfig:
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
     jit_compile: bool = False
+    cache_mb: int = field(default=1024, **_bounds(min=0))
 
     def __post_init__(self) -> None:
         if isinstance(self.early_stopping, dict):

@@ -147,8 +147,9 @@ def load_keras_file(path: Path) -> Classifier:
     Raises:
         InputError: the file is not a Keras model that this Keras can read.
     """
-    import keras
+    from stages.tfimport import import_keras
 
+    keras = import_keras()
     try:
         model = keras.models.load_model(path)
     except (OSError, ValueError) as error:

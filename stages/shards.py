@@ -66,6 +66,7 @@ class ShardedImages:
     images from the shard files with positioned reads. Memory therefore does
     not grow with the number of images, and the operating system's page
     cache makes later epochs as fast as an in-memory copy when it fits.
+    `load` reads them all into memory once, for callers that can afford it.
     """
 
     def __init__(self, folder: Path, rows: pd.DataFrame) -> None:
@@ -75,6 +76,8 @@ class ShardedImages:
         self._files: dict[int, _ShardFile] = {}
         first = int(self.shard_ids[0]) if len(self.shard_ids) else 0
         self.image_shape = self._file(first).image_shape
+        # Every image in row order once `load` has run, else None.
+        self.pixels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -82,6 +85,21 @@ class ShardedImages:
     @property
     def shape(self) -> tuple[int, ...]:
         return (len(self), *self.image_shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Return the size of all the images' pixels."""
+        return len(self) * int(np.prod(self.image_shape))
+
+    def load(self) -> np.ndarray:
+        """Read every image into memory once and return them in row order.
+
+        Later reads come from memory, and the shard files are closed.
+        """
+        if self.pixels is None:
+            self.pixels = self.take(np.arange(len(self)))
+            self.close()
+        return self.pixels
 
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
@@ -93,6 +111,8 @@ class ShardedImages:
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Return the images at `indices` (positions in the rows), in that order."""
         indices = np.asarray(indices, dtype=np.int64)
+        if self.pixels is not None:
+            return self.pixels[indices]
         out = np.empty((len(indices), *self.image_shape), dtype=np.uint8)
         shard_ids = self.shard_ids[indices]
         for shard in np.unique(shard_ids):

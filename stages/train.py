@@ -26,6 +26,7 @@ from stages.fsutil import atomic_file, write_json
 from stages.hardware import HardwarePlan
 from stages.pruning import pruning_callback
 from stages.shards import ShardedImages
+from stages.tfimport import import_keras
 from stages.training import CheckpointStore, TrainingState
 
 log = logging.getLogger("stages.train")
@@ -442,8 +443,7 @@ def _load_data(processed_dir: Path, split_dir: Path, train_cfg):
             split_dir / "val.csv",
         )
     log.info(
-        "Streaming %d train, %d val and %d test images of shape %s from the "
-        "shards, %d classes",
+        "Found %d train, %d val and %d test images of shape %s, %d classes",
         len(data["train"][0]),
         len(data["val"][0]),
         len(data["test"][0]),
@@ -451,6 +451,32 @@ def _load_data(processed_dir: Path, split_dir: Path, train_cfg):
         len(classes),
     )
     return classes, data
+
+
+def _cache_pixels(data: dict, limit_mb: int, strategy: str) -> None:
+    """Load the train and val pixels into memory if they total at most
+    `limit_mb` MiB and one device trains; otherwise they stream from the shards.
+
+    Multi-device strategies can serialise the input pipeline's graph, which
+    would then hold a copy of the pixels, so they always stream.
+    """
+    splits = [data[name][0] for name in ("train", "val")]
+    size_mb = sum(images.nbytes for images in splits) / 2**20
+    if strategy != "default":
+        log.info(
+            "Streaming the train and val pixels from the shards (%s strategy)", strategy
+        )
+    elif size_mb > limit_mb:
+        log.info(
+            "Streaming %.1f MiB of train and val pixels from the shards, as "
+            "train.cache_mb=%d; raise it to hold them in memory",
+            size_mb,
+            limit_mb,
+        )
+    else:
+        for images in splits:
+            images.load()
+        log.info("Loaded %.1f MiB of train and val pixels into memory", size_mb)
 
 
 def _build(params: Params, input_shape, num_classes: int, plan, strategy):
@@ -479,9 +505,11 @@ def train(
     params = load_params(["model", "augment", "train", "tracking"], overrides)
     classes, data = _load_data(processed_dir, split_dir, params.train)
     # Imported only now, so a config or data error costs no TensorFlow import.
+    import_keras()
     import tensorflow as tf
 
     plan, strategy, tags = _prepare_hardware(params)
+    _cache_pixels(data, params.train.cache_mb, plan.strategy)
     model = _build(params, data["train"][0].shape[1:], len(classes), plan, strategy)
     fingerprint = training_fingerprint(
         params.raw, split_dir, [data["train"][0], data["val"][0]]

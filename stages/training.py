@@ -133,11 +133,7 @@ def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
 def _batches_dataset(
     generate, num_batches: int, image_shape: tuple[int, ...], num_classes: int | None
 ):
-    """Wrap a generator of `num_batches` (images, labels) batches in tf.data.
-
-    The pipeline declares its length, so Keras needs no extra pass to find
-    the end of the data. With `num_classes`, labels are one-hot.
-    """
+    """Wrap a generator of `num_batches` (images, labels) batches in tf.data."""
     import tensorflow as tf
 
     dataset = tf.data.Dataset.from_generator(
@@ -146,11 +142,53 @@ def _batches_dataset(
             tf.TensorSpec((None, *image_shape), tf.uint8),
             tf.TensorSpec((None,), tf.int32),
         ),
-    ).apply(tf.data.experimental.assert_cardinality(num_batches))
+    )
+    return _finish(dataset, num_batches, num_classes)
+
+
+def _gathered_dataset(
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    orders: np.ndarray,
+    batch_size: int,
+    num_classes: int | None,
+):
+    """Batch in-memory `pixels` in each row of `orders`, one row per epoch.
+
+    TensorFlow gathers every batch itself, so no Python code runs per batch
+    while Keras trains.
+    """
+    import tensorflow as tf
+
+    images = tf.constant(pixels)
+    targets = tf.constant(labels, dtype=tf.int32)
+
+    def epoch_batches(order):
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    def gather(chosen):
+        return tf.gather(images, chosen), tf.gather(targets, chosen)
+
+    dataset = tf.data.Dataset.from_tensor_slices(orders).flat_map(epoch_batches)
+    dataset = dataset.map(gather)
+    num_batches = -(-orders.shape[1] // batch_size) * len(orders)
+    return _finish(dataset, num_batches, num_classes)
+
+
+def _finish(dataset, num_batches: int, num_classes: int | None):
+    """Declare the length, one-hot the labels if asked, and prefetch.
+
+    The declared length spares Keras an extra pass to find the end of the
+    data. With `num_classes`, labels are one-hot.
+    """
+    import tensorflow as tf
+
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_batches))
     if num_classes:
         dataset = dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
-    # The batches come from one generator, with no files to shard by, so each
-    # worker of a multi-worker strategy takes its share of every batch.
+    # The batches come from one generator or array, with no files to shard
+    # by, so each worker of a multi-worker strategy takes its share of every
+    # batch.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA
@@ -164,10 +202,14 @@ def make_dataset(
     batch_size: int,
     num_classes: int | None = None,
 ):
-    """Build batches of one split in manifest order, streamed from its shards.
+    """Build batches of one split in manifest order.
 
-    The order is kept, so predictions line up with `labels`.
+    The order is kept, so predictions line up with `labels`. The images are
+    streamed from their shards unless they were loaded into memory.
     """
+    if images.pixels is not None:
+        order = np.arange(len(labels))[np.newaxis]
+        return _gathered_dataset(images.pixels, labels, order, batch_size, num_classes)
 
     def generate():
         for start, batch in zip(
@@ -199,10 +241,16 @@ def make_epochs_dataset(
     """Build the training batches of `epochs`, one shuffled pass per epoch.
 
     The images are streamed from their shards, so memory does not grow with
-    the split. The order of epoch e depends only on (seed, e), so the
+    the split, unless they were loaded into memory; the batches are the same
+    either way. The order of epoch e depends only on (seed, e), so the
     batches of a run resumed at epoch e match those of an uninterrupted run.
     Pass `steps_per_epoch` to `fit`, because the dataset contains every epoch.
     """
+    if images.pixels is not None:
+        orders = np.array(
+            [epoch_order(len(labels), seed, epoch) for epoch in epochs], dtype=np.int64
+        ).reshape(len(epochs), len(labels))
+        return _gathered_dataset(images.pixels, labels, orders, batch_size, num_classes)
 
     def generate():
         for epoch in epochs:

@@ -35,3 +35,17 @@ def test_train_config_error_before_tensorflow(project) -> None:
     result = run_python(code, cwd=project)
     assert "train.epochs: invalid value 0" in result.stdout
     assert result.returncode == 0, "train imported TensorFlow before the error"
+
+
+def test_keras_imports_without_optional_packages() -> None:
+    code = (
+        "import sys\n"
+        "from stages.tfimport import import_keras\n"
+        "keras = import_keras()\n"
+        "skipped = [m for m in ('sklearn', 'matplotlib') if m in sys.modules]\n"
+        "import sklearn.metrics, matplotlib.pyplot\n"
+        "print(skipped, 'tensorflow' in sys.modules, keras.__name__)\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "True", "keras"]

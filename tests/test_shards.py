@@ -1,4 +1,5 @@
-"""Streaming images from shards: random access, epoch order and tf.data batches."""
+"""Images in shards, streamed or loaded: random access, epoch order and
+tf.data batches."""
 
 from __future__ import annotations
 
@@ -67,11 +68,26 @@ def collect(dataset) -> list[tuple[list[int], list[int]]]:
     return [(numbers(x.numpy()), y.numpy().tolist()) for x, y in dataset]
 
 
-def test_epochs_replay_same_order(tmp_path: Path) -> None:
+def test_loaded_images_read_from_memory(tmp_path: Path) -> None:
+    rows = write_shards(tmp_path, 9, shard_size=4).iloc[::-1]
+    images = ShardedImages(tmp_path, rows)
+    assert images.nbytes == 9 * 12
+    pixels = images.load()
+    assert numbers(pixels) == list(range(8, -1, -1))
+    for shard in tmp_path.glob("images-*.npy"):
+        shard.unlink()
+    assert numbers(images.take(np.array([8, 0, 3]))) == [0, 8, 5]
+    assert numbers(np.concatenate(list(images.batches(4)))) == numbers(pixels)
+
+
+@pytest.mark.parametrize("loaded", [False, True], ids=["streamed", "loaded"])
+def test_epochs_replay_same_order(tmp_path: Path, loaded: bool) -> None:
     from stages.training import make_epochs_dataset
 
     rows = write_shards(tmp_path, 11, shard_size=4)
     images = ShardedImages(tmp_path, rows)
+    if loaded:
+        images.load()
     labels = np.arange(11, dtype=np.int32) % 3
 
     full = collect(make_epochs_dataset(images, labels, 4, range(0, 3), seed=7))
@@ -90,11 +106,14 @@ def test_epochs_replay_same_order(tmp_path: Path) -> None:
     assert other_seed != full[:3]
 
 
-def test_split_batches_keep_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loaded", [False, True], ids=["streamed", "loaded"])
+def test_split_batches_keep_order(tmp_path: Path, loaded: bool) -> None:
     from stages.training import make_dataset
 
     rows = write_shards(tmp_path, 7, shard_size=3).iloc[::-1]
     images = ShardedImages(tmp_path, rows)
+    if loaded:
+        images.load()
     labels = np.array([0, 1, 2, 0, 1, 2, 0], np.int32)
 
     dataset = make_dataset(images, labels, 3, num_classes=3)

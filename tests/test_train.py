@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -149,13 +150,17 @@ def subset(project: Path, target: Path, train_rows: int, val_rows: int) -> dict:
 QUICK = ["model=cnn_small", "train.batch_size=32", "tracking.log_model=false"]
 
 
-def test_train_deterministic_runs_match(
-    digits_project: Path, tmp_path: Path, monkeypatch
+def test_train_deterministic_runs_match_in_memory_or_streamed(
+    digits_project: Path, tmp_path: Path, monkeypatch, caplog
 ) -> None:
     monkeypatch.chdir(digits_project)
+    caplog.set_level(logging.INFO, logger="stages.train")
     overrides = [*QUICK, "train.epochs=2", "train.deterministic=true", "augment=basic"]
     first = train(overrides, **subset(digits_project, tmp_path / "a", 256, 64))
-    second = train(overrides, **subset(digits_project, tmp_path / "b", 256, 64))
+    assert "of train and val pixels into memory" in caplog.text
+    streamed = [*overrides, "train.cache_mb=0"]
+    second = train(streamed, **subset(digits_project, tmp_path / "b", 256, 64))
+    assert "train and val pixels from the shards, as train.cache_mb=0" in caplog.text
     assert first["mlflow_run_id"] != second["mlflow_run_id"]
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
         assert first[key] == second[key], key
