@@ -255,10 +255,12 @@ def run_pipeline_queue(ctx: Context, rep: int) -> dict:
         )
         names += _QUEUED_NAME.findall(queued.output)
         steps.append(queued)
+    if len(names) != len(ctx.settings.learning_rates):
+        raise BenchError(f"`dvc exp run --queue` named {names}; see {ctx.log_dir}")
     command = ["dvc", "exp", "run", "--run-all", "--jobs", str(QUEUE_WORKERS)]
     steps.append(ctx.run(f"queue{rep}-run", command, copy))
     shown = ctx.run(f"queue{rep}-show", ["dvc", "exp", "show", "--csv"], copy)
-    accuracies = _experiment_accuracies(shown.output, names, ctx.log_dir)
+    accuracies = _experiment_accuracies(shown.output, names, copy)
     ctx.discard(copy)
     return {
         "process_seconds": sum(step.seconds for step in steps),
@@ -268,16 +270,16 @@ def run_pipeline_queue(ctx: Context, rep: int) -> dict:
     }
 
 
-def _experiment_accuracies(shown: str, names: list[str], log_dir: Path) -> list:
-    """Return the val accuracy of each named experiment from the output of
-    `dvc exp show --csv` (after the log's two header lines)."""
-    table = io.StringIO("\n".join(shown.splitlines()[2:]))
+def _experiment_accuracies(csv_output: str, names: list[str], copy: Path) -> list:
+    """Return the val accuracy of each named experiment from the logged output
+    of `dvc exp show --csv`, whose first two lines are the log's header."""
+    table = io.StringIO("\n".join(csv_output.splitlines()[2:]))
     rows = {row["Experiment"]: row for row in csv.DictReader(table)}
     missing = [name for name in names if not rows.get(name, {}).get("val_accuracy")]
-    if len(names) != 4 or missing:
+    if missing:
         raise BenchError(
-            f"queued experiments {names} did not all finish (missing: {missing}); "
-            f"see the queue logs in {log_dir}"
+            f"queued experiments {names} not all finished: {missing} missing from "
+            f"`dvc exp show`; run `dvc queue logs NAME` in {copy} for the cause"
         )
     return [float(rows[name]["val_accuracy"]) for name in names]
 
