@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stages.cli import InputError
+
 SHARD_PATTERN = "images-{:05d}.npy"
+REBUILD_HINT = "run `dvc repro` to rebuild data/processed"
 
 
 # Upper bound of one shard's size, so the writer's buffer stays small however
@@ -76,8 +79,27 @@ class ShardedImages:
         self._files: dict[int, _ShardFile] = {}
         first = int(self.shard_ids[0]) if len(self.shard_ids) else 0
         self.image_shape = self._file(first).image_shape
+        self._check_addresses()
         # Every image in row order once `load` has run, else None.
         self.pixels: np.ndarray | None = None
+
+    def _check_addresses(self) -> None:
+        """Open every shard the rows address and check its image shape and
+        the rows' offsets, so a damaged folder fails before any training.
+
+        Raises:
+            InputError: a shard is missing, damaged or of another image
+                shape, or an offset lies outside its shard.
+        """
+        for shard in np.unique(self.shard_ids):
+            shard_file = self._file(int(shard))
+            if shard_file.image_shape != self.image_shape:
+                raise InputError(
+                    f"{shard_file.path} contains images of shape "
+                    f"{shard_file.image_shape}, other shards {self.image_shape}; "
+                    f"{REBUILD_HINT}"
+                )
+            shard_file.check_offsets(self.offsets[self.shard_ids == shard])
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -140,41 +162,76 @@ class ShardedImages:
 
 
 class _ShardFile:
-    """One shard opened for positioned reads of single images."""
+    """One shard opened for positioned reads of single images.
+
+    Raises:
+        InputError: the file is missing, is not a NumPy file of uint8 images,
+            or is shorter than its header declares.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        # Unbuffered, and closed by the garbage collector if close() is not called.
-        self.file = open(path, "rb", buffering=0)  # noqa: SIM115
-        version = np.lib.format.read_magic(self.file)
-        read_header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = read_header(self.file)
+        try:
+            # Unbuffered, and closed by the garbage collector if close() is
+            # not called.
+            self.file = open(path, "rb", buffering=0)  # noqa: SIM115
+        except OSError as error:
+            raise InputError(
+                f"Cannot open shard {path}: {error.strerror}; {REBUILD_HINT}"
+            ) from None
+        try:
+            version = np.lib.format.read_magic(self.file)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(self.file)
+        except (ValueError, OSError) as error:
+            self.file.close()
+            raise InputError(
+                f"{path} is not a readable shard ({error}); {REBUILD_HINT}"
+            ) from None
         self.data_start = self.file.tell()
         if fortran or dtype != np.uint8 or len(shape) != 4:
             self.file.close()
-            raise ValueError(
+            raise InputError(
                 f"{path} is not a shard of uint8 images (shape {shape}, {dtype}); "
-                "rerun the preprocess stage"
+                f"{REBUILD_HINT}"
             )
         self.count = shape[0]
         self.image_shape = tuple(shape[1:])
         self.image_bytes = int(np.prod(self.image_shape))
+        expected = self.data_start + self.count * self.image_bytes
+        size = os.fstat(self.file.fileno()).st_size
+        if size < expected:
+            self.file.close()
+            raise InputError(
+                f"{path} is truncated: {size} bytes, expected {expected} for "
+                f"{self.count} images; {REBUILD_HINT}"
+            )
+
+    def check_offsets(self, offsets: np.ndarray) -> None:
+        """Raise InputError if an offset lies outside this shard."""
+        outside = offsets[(offsets < 0) | (offsets >= self.count)]
+        if len(outside):
+            raise InputError(
+                f"{self.path} contains {self.count} images, but a manifest row "
+                f"refers to offset {int(outside[0])}; run `dvc repro` to rebuild "
+                "the split manifests"
+            )
 
     def read(self, offsets: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
         """Read the images at `offsets` into out[positions]."""
-        if len(offsets) and (offsets.min() < 0 or offsets.max() >= self.count):
-            raise ValueError(
-                f"{self.path} contains {self.count} images, but a manifest refers "
-                f"to offset {int(offsets.max())}; rerun the preprocess and split "
-                "stages"
-            )
+        self.check_offsets(offsets)
         for offset, position in zip(offsets, positions, strict=True):
             start = self.data_start + int(offset) * self.image_bytes
             data = os.pread(self.file.fileno(), self.image_bytes, start)
+            if len(data) != self.image_bytes:
+                raise InputError(
+                    f"{self.path} ended at image {int(offset)}: it was truncated "
+                    f"while being read; {REBUILD_HINT}"
+                )
             out[position] = np.frombuffer(data, np.uint8).reshape(self.image_shape)
 
     def close(self) -> None:

@@ -249,7 +249,8 @@ def make_epochs_dataset(
     """
     if images.pixels is not None:
         orders = np.array(
-            [epoch_order(len(labels), seed, epoch) for epoch in epochs], dtype=np.int64
+            [epoch_order(len(labels), seed, epoch) for epoch in epochs],
+            dtype=np.int32 if len(labels) < 2**31 else np.int64,
         ).reshape(len(epochs), len(labels))
         return _gathered_dataset(images.pixels, labels, orders, batch_size, num_classes)
 
@@ -407,6 +408,11 @@ def training_fingerprint(
     sections, the same train and val manifests and the same image data.
     """
     sections = {name: params.get(name) for name in ("train", "model", "augment")}
+    # Where the pixels are held does not change the batches, so a run resumes
+    # after a change of train.cache_mb.
+    sections["train"] = {
+        k: v for k, v in (sections["train"] or {}).items() if k != "cache_mb"
+    }
     text = json.dumps(sections, sort_keys=True, default=str)
     fingerprint = {"params": hashlib.sha256(text.encode()).hexdigest()}
     for name in ("train", "val"):

@@ -241,3 +241,16 @@ def test_background_writer_keeps_order_and_errors() -> None:
     writer.submit(fail)
     with pytest.raises(OSError, match="disk full"):
         writer.close()
+
+
+def test_fingerprint_ignores_cache_setting(tmp_path: Path) -> None:
+    from stages.training import training_fingerprint
+
+    for name in ("train", "val"):
+        (tmp_path / f"{name}.csv").write_text("file,label\n")
+    params = {"train": {"learning_rate": 0.001, "cache_mb": 1024}, "model": {}}
+    base = training_fingerprint(params, tmp_path, [])
+    streamed = {**params, "train": {**params["train"], "cache_mb": 0}}
+    other_rate = {**params, "train": {**params["train"], "learning_rate": 0.01}}
+    assert training_fingerprint(streamed, tmp_path, []) == base
+    assert training_fingerprint(other_rate, tmp_path, []) != base

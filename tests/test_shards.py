@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from stages.cli import InputError
 from stages.shards import ShardedImages, ShardWriter
 
 
@@ -49,18 +50,70 @@ def test_sharded_images_read_any_order(tmp_path: Path) -> None:
     assert numbers(np.concatenate(batches)) == expected
 
 
-def test_sharded_images_name_overrun_shard(tmp_path: Path) -> None:
+@pytest.mark.parametrize("offset", [9, -1])
+def test_sharded_images_name_overrun_shard(tmp_path: Path, offset: int) -> None:
     rows = write_shards(tmp_path, 6, shard_size=4)
-    rows.loc[5, "offset"] = 9
+    rows.loc[5, "offset"] = offset
+    expected = rf"images-00001\.npy contains 2 images, .* offset {offset};"
+    with pytest.raises(InputError, match=expected):
+        ShardedImages(tmp_path, rows)
+
+
+def damage_truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-5])
+
+
+def damage_empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def damage_header(path: Path) -> None:
+    path.write_bytes(b"XXXXXX" + path.read_bytes()[6:])
+
+
+def damage_shape(path: Path) -> None:
+    np.save(path, np.zeros((4, 2, 2, 1), np.uint8))
+
+
+def damage_delete(path: Path) -> None:
+    path.unlink()
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (damage_truncate, r"is truncated: \d+ bytes, expected \d+ for 4 images"),
+        (damage_empty, "is not a readable shard"),
+        (damage_header, "is not a readable shard"),
+        (damage_shape, r"contains images of shape \(2, 2, 1\), other shards"),
+        (damage_delete, "Cannot open shard .*No such file"),
+    ],
+    ids=["truncated", "empty", "header", "shape", "missing"],
+)
+def test_sharded_images_reject_damaged_shard(
+    tmp_path: Path, damage, expected: str
+) -> None:
+    rows = write_shards(tmp_path, 12, shard_size=4)
+    damage(tmp_path / "images-00001.npy")
+    with pytest.raises(InputError, match=expected) as raised:
+        ShardedImages(tmp_path, rows)
+    assert "images-00001.npy" in str(raised.value)
+    assert "run `dvc repro` to rebuild data/processed" in str(raised.value)
+
+
+def test_sharded_images_name_shard_truncated_while_read(tmp_path: Path) -> None:
+    rows = write_shards(tmp_path, 8, shard_size=4)
     images = ShardedImages(tmp_path, rows)
-    with pytest.raises(ValueError, match=r"images-00001\.npy contains 2 images"):
-        images.take(np.arange(6))
+    shard = tmp_path / "images-00001.npy"
+    shard.write_bytes(shard.read_bytes()[:-20])
+    with pytest.raises(InputError, match=r"images-00001\.npy ended at image"):
+        images.take(np.arange(8))
 
 
 def test_sharded_images_reject_non_shard(tmp_path: Path) -> None:
     np.save(tmp_path / "images-00000.npy", np.zeros((4, 4), np.float32))
     rows = pd.DataFrame({"shard": [0], "offset": [0]})
-    with pytest.raises(ValueError, match="not a shard of uint8 images"):
+    with pytest.raises(InputError, match="not a shard of uint8 images"):
         ShardedImages(tmp_path, rows)
 
 
