@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,26 +164,18 @@ def _restore(session: TrainingSession, model, state: TrainingState):
     best_weights = None
     stopping = state.early_stopping or {}
     if stopping.get("best") is not None:
-        session.store.restore(model, stopping["best_epoch"] + 1)
+        model.load_weights(session.store.weights_file(stopping["best_epoch"] + 1))
         best_weights = model.get_weights()
-    session.store.restore(model, state.epoch)
+    model.load_weights(session.store.weights_file(state.epoch))
     log.info("Resumed from the checkpoint of epoch %d (%s)", state.epoch, state.phase)
     return best_weights
 
 
-def _checkpoint_saver(session, model, phase, phase_start, history, stopper, writer):
-    """Return a function that checkpoints the epoch just completed, if enabled,
-    and then calls `then`.
+def _checkpoint_saver(session, model, phase, phase_start, history, stopper):
+    """Return a function that checkpoints the epoch just completed, if enabled."""
 
-    The values are copied at once and written by `writer` in the
-    background, so the next epoch starts without waiting for the disk.
-    """
-    from stages.training import variable_values
-
-    def save(epoch: int, then: Callable[[], None] | None = None) -> None:
+    def save(epoch: int) -> None:
         if not session.save_epochs:
-            if then is not None:
-                then()
             return
         stopping = stopper.state() if stopper else None
         best_epoch = None
@@ -196,17 +187,10 @@ def _checkpoint_saver(session, model, phase, phase_start, history, stopper, writ
             phase_start=phase_start,
             stopped=bool(model.stop_training),
             run_id=session.run_id,
-            history=[dict(row) for row in history],
+            history=history,
             early_stopping=stopping,
         )
-        values = variable_values(model)
-
-        def write() -> None:
-            session.store.write(values, state, best_epoch)
-            if then is not None:
-                then()
-
-        writer.submit(write)
+        session.store.save(model, state, best_epoch)
 
     return save
 
@@ -240,8 +224,6 @@ def _fit_phase(session, model, phase, history, resume=None) -> int | None:
 
     train_data, val_data = _datasets(session, epochs)
     pruning = pruning_callback()
-    writer = training.BackgroundWriter()
-    saver = _checkpoint_saver(session, model, phase, start, history, stopper, writer)
     callbacks = [
         training.epoch_seed_reset(cfg.seed),
         *([stopper] if stopper else []),
@@ -249,26 +231,23 @@ def _fit_phase(session, model, phase, history, resume=None) -> int | None:
         training.epoch_logger(
             history,
             lambda step: learning_rate_at(schedule, step),
-            saver,
-            run_id=session.run_id,
+            _checkpoint_saver(session, model, phase, start, history, stopper),
+            log_to_mlflow=session.run_id is not None,
         ),
     ]
     log.info("Phase '%s': epochs %d to %d", phase.name, epochs.start + 1, epochs.stop)
     num_images = len(session.data["train"][0])
-    try:
-        model.fit(
-            train_data,
-            validation_data=val_data,
-            initial_epoch=epochs.start,
-            epochs=epochs.stop,
-            steps_per_epoch=steps_per_epoch(num_images, session.global_batch_size),
-            class_weight=session.class_weight,
-            shuffle=False,
-            callbacks=callbacks,
-            verbose=2,
-        )
-    finally:
-        writer.close()  # the last checkpoint and its metrics are written
+    model.fit(
+        train_data,
+        validation_data=val_data,
+        initial_epoch=epochs.start,
+        epochs=epochs.stop,
+        steps_per_epoch=steps_per_epoch(num_images, session.global_batch_size),
+        class_weight=session.class_weight,
+        shuffle=False,
+        callbacks=callbacks,
+        verbose=2,
+    )
     return _restored_epoch(stopper)
 
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import shutil
-import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -279,18 +278,16 @@ def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
 def epoch_logger(
     history: list[dict[str, float]],
     learning_rate: Callable[[int], float] | None = None,
-    save_checkpoint: Callable[[int, Callable[[], None] | None], None] | None = None,
-    run_id: str | None = None,
+    save_checkpoint: Callable[[int], None] | None = None,
+    log_to_mlflow: bool = True,
 ):
     """Return a Keras callback that records each epoch's metrics.
 
     Each epoch's values are appended to `history` under the pipeline's metric
     names, with the 1-based epoch number, which is the MLflow step.
     `learning_rate(step)` gives the rate of the epoch's last optimizer step.
-    With `run_id`, the values are logged to that MLflow run. With
-    `save_checkpoint(epoch, then)`, that logging is passed as `then`, to run
-    once the checkpoint is written. A run killed in between therefore has the
-    epoch in its checkpoint and logs it on resume.
+    `save_checkpoint(epoch)` runs before the MLflow logging, so a run killed
+    in between has the epoch in its checkpoint and logs it on resume.
     """
     import keras
     import mlflow
@@ -303,19 +300,10 @@ def epoch_logger(
             if "learning_rate" not in values:
                 values["learning_rate"] = self._learning_rate()
             history.append({"epoch": epoch + 1, **values})
-            log_values = None
-            if run_id is not None:
-                # Filtered here, where the run is active, so that dropped values
-                # are tagged on it.
-                finite = finite_metrics(values)
-
-                def log_values() -> None:
-                    mlflow.log_metrics(finite, step=epoch + 1, run_id=run_id)
-
             if save_checkpoint is not None:
-                save_checkpoint(epoch + 1, log_values)
-            elif log_values is not None:
-                log_values()
+                save_checkpoint(epoch + 1)
+            if log_to_mlflow:
+                mlflow.log_metrics(finite_metrics(values), step=epoch + 1)
 
         def _learning_rate(self) -> float:
             optimizer = self.model.optimizer
@@ -440,64 +428,18 @@ class TrainingState:
     early_stopping: dict[str, Any] | None = None
 
 
-class BackgroundWriter:
-    """Run tasks in order on one thread, with at most one task in progress.
-
-    `submit` first waits for the previous task, so a writer slower than the
-    training slows the training down instead of queueing copies of the
-    weights. An
-    error raised by a task is raised again by the next `submit` or `wait`.
-    """
-
-    def __init__(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        self._pending = None
-
-    def submit(self, task: Callable[[], None]) -> None:
-        self.wait()
-        self._pending = self._executor.submit(task)
-
-    def wait(self) -> None:
-        """Wait for the task in progress, re-raising its error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def close(self) -> None:
-        """Wait for the task in progress, then stop the thread."""
-        try:
-            self.wait()
-        finally:
-            self._executor.shutdown()
-
-
-def checkpoint_variables(model) -> list:
-    """Return the variables a checkpoint keeps: the model's (weights and
-    random-layer states), then the optimizer's, in a fixed order."""
-    return [*model.variables, *model.optimizer.variables]
-
-
-def variable_values(model) -> list[np.ndarray]:
-    """Copy the values of `model`'s checkpoint variables into NumPy arrays."""
-    return [np.array(variable.numpy()) for variable in checkpoint_variables(model)]
-
-
 class CheckpointStore:
     """A folder with the newest epoch's weights and optimizer state.
 
     Layout: state.json (a TrainingState, the fingerprint and the weight
-    folders it refers to) and epoch-NNNN/weights.npz for the newest epoch
-    and, with early stopping, the best one. Each folder is complete before
-    state.json names it, and state.json is replaced atomically, so a run
-    killed at any moment leaves the previous complete checkpoint. The
-    weights file contains the arrays of `checkpoint_variables` in order, and
-    the fingerprint ties it to one model and optimizer configuration.
+    folders it refers to) and epoch-NNNN/model.weights.h5 for the newest
+    epoch and, with early stopping, the best one. Each folder is complete
+    before state.json names it, and state.json is replaced atomically, so a
+    run killed at any moment leaves the previous complete checkpoint.
     """
 
     STATE_FILE = "state.json"
-    WEIGHTS_FILE = "weights.npz"
+    WEIGHTS_FILE = "model.weights.h5"
 
     def __init__(self, folder: Path, fingerprint: dict[str, str]) -> None:
         self.folder = Path(folder)
@@ -559,20 +501,14 @@ class CheckpointStore:
             return None
 
     def save(self, model, state: TrainingState, best_epoch: int | None = None) -> None:
-        """Write `model`'s weights and optimizer state for `state.epoch`."""
-        self.write(variable_values(model), state, best_epoch)
-
-    def write(
-        self, values: list[np.ndarray], state: TrainingState, best_epoch: int | None
-    ) -> None:
-        """Write the checkpoint of `state.epoch` from `variable_values` output.
+        """Write `model`'s weights and optimizer state for `state.epoch`.
 
         `best_epoch` (1-based) names an earlier checkpoint to keep for early
         stopping; the others are deleted once state.json is replaced.
         """
         target = self.weights_file(state.epoch)
         with atomic_dir(target.parent) as tmp:
-            np.savez(tmp / self.WEIGHTS_FILE, *values)
+            model.save_weights(tmp / self.WEIGHTS_FILE)
         saved = {
             "complete": False,
             "fingerprint": self.fingerprint,
@@ -583,33 +519,6 @@ class CheckpointStore:
         if best_epoch:
             keep.add(self.weights_file(best_epoch).parent.name)
         self._prune(keep)
-
-    def restore(self, model, epoch: int) -> None:
-        """Load the weights and optimizer state of `epoch`'s checkpoint into
-        `model`, whose optimizer must be built.
-
-        Raises:
-            InputError: the file does not match the model's variables.
-        """
-        path = self.weights_file(epoch)
-        variables = checkpoint_variables(model)
-        try:
-            with np.load(path, allow_pickle=False) as stored:
-                values = [stored[f"arr_{i}"] for i in range(len(stored.files))]
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-            raise InputError(
-                f"Cannot read checkpoint {path}: {error}; delete {self.folder} to "
-                "train from the start"
-            ) from None
-        shapes = [tuple(v.shape) for v in variables]
-        if [value.shape for value in values] != shapes:
-            raise InputError(
-                f"{path} does not match the model ({len(values)} arrays for "
-                f"{len(variables)} variables); delete {self.folder} to train "
-                "from the start"
-            )
-        for variable, value in zip(variables, values, strict=True):
-            variable.assign(value)
 
     def mark_complete(self, run_id: str | None, epochs: int) -> None:
         """Record that the run finished, so the next run starts fresh."""
