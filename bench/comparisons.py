@@ -259,8 +259,8 @@ def run_pipeline_queue(ctx: Context, rep: int) -> dict:
         raise BenchError(f"`dvc exp run --queue` named {names}; see {ctx.log_dir}")
     command = ["dvc", "exp", "run", "--run-all", "--jobs", str(QUEUE_WORKERS)]
     steps.append(ctx.run(f"queue{rep}-run", command, copy))
-    shown = ctx.run(f"queue{rep}-show", ["dvc", "exp", "show", "--csv"], copy)
-    accuracies = _experiment_accuracies(shown.output, names, copy)
+    exp_show = ctx.run(f"queue{rep}-show", ["dvc", "exp", "show", "--csv"], copy)
+    accuracies = _experiment_accuracies(exp_show.output, names, copy)
     ctx.discard(copy)
     return {
         "process_seconds": sum(step.seconds for step in steps),

@@ -119,7 +119,9 @@ class ShardedImages:
         Later reads come from memory, and the shard files are closed.
         """
         if self.pixels is None:
-            self.pixels = self.take(np.arange(len(self)))
+            pixels = _aligned_empty(self.shape)
+            self._read(np.arange(len(self)), pixels)
+            self.pixels = pixels
             self.close()
         return self.pixels
 
@@ -136,13 +138,17 @@ class ShardedImages:
         if self.pixels is not None:
             return self.pixels[indices]
         out = np.empty((len(indices), *self.image_shape), dtype=np.uint8)
+        self._read(indices, out)
+        return out
+
+    def _read(self, indices: np.ndarray, out: np.ndarray) -> None:
+        """Read the images at `indices` from their shards into `out`, in order."""
         shard_ids = self.shard_ids[indices]
         for shard in np.unique(shard_ids):
             where = np.flatnonzero(shard_ids == shard)
             # Ascending offsets turn neighbouring images into forward reads.
             where = where[np.argsort(self.offsets[indices[where]], kind="stable")]
             self._file(int(shard)).read(self.offsets[indices[where]], out, where)
-        return out
 
     def batches(self, batch_size: int, order: np.ndarray | None = None):
         """Yield the images in `order` (default: row order) in batches."""
@@ -222,8 +228,8 @@ class _ShardFile:
             )
 
     def read(self, offsets: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
-        """Read the images at `offsets` into out[positions]."""
-        self.check_offsets(offsets)
+        """Read the images at `offsets`, which `check_offsets` accepted, into
+        out[positions]."""
         for offset, position in zip(offsets, positions, strict=True):
             start = self.data_start + int(offset) * self.image_bytes
             data = os.pread(self.file.fileno(), self.image_bytes, start)
@@ -236,6 +242,19 @@ class _ShardFile:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _aligned_empty(shape: tuple[int, ...], alignment: int = 64) -> np.ndarray:
+    """Return an uninitialised uint8 array whose data starts on `alignment` bytes.
+
+    TensorFlow copies a NumPy array into a tensor. In a measurement on
+    TensorFlow 2.21, a 75 MiB array at a 16-byte boundary raised memory by
+    159 MiB during that copy, and a 64-byte aligned one by 75 MiB.
+    """
+    size = int(np.prod(shape))
+    buffer = np.empty(size + alignment, dtype=np.uint8)
+    start = -buffer.ctypes.data % alignment
+    return buffer[start : start + size].reshape(shape)
 
 
 def load_images(folder: Path, rows: pd.DataFrame) -> np.ndarray:

@@ -90,9 +90,7 @@ def damage_delete(path: Path) -> None:
     ],
     ids=["truncated", "empty", "header", "shape", "missing"],
 )
-def test_sharded_images_reject_damaged_shard(
-    tmp_path: Path, damage, expected: str
-) -> None:
+def test_shards_reject_damaged_file(tmp_path: Path, damage, expected: str) -> None:
     rows = write_shards(tmp_path, 12, shard_size=4)
     damage(tmp_path / "images-00001.npy")
     with pytest.raises(InputError, match=expected) as raised:
@@ -101,7 +99,7 @@ def test_sharded_images_reject_damaged_shard(
     assert "run `dvc repro` to rebuild data/processed" in str(raised.value)
 
 
-def test_sharded_images_name_shard_truncated_while_read(tmp_path: Path) -> None:
+def test_shard_truncated_during_read(tmp_path: Path) -> None:
     rows = write_shards(tmp_path, 8, shard_size=4)
     images = ShardedImages(tmp_path, rows)
     shard = tmp_path / "images-00001.npy"

@@ -150,7 +150,7 @@ def subset(project: Path, target: Path, train_rows: int, val_rows: int) -> dict:
 QUICK = ["model=cnn_small", "train.batch_size=32", "tracking.log_model=false"]
 
 
-def test_train_deterministic_runs_match_in_memory_or_streamed(
+def test_train_cache_keeps_results(
     digits_project: Path, tmp_path: Path, monkeypatch, caplog
 ) -> None:
     monkeypatch.chdir(digits_project)
